@@ -1,0 +1,454 @@
+"""X-layers: convolutions and linear layers whose outputs read only D inputs each.
+
+The connectivity is a block expander (:mod:`xsurgery.graphs`): G blocks of outputs, block
+g reads the inputs ``index[g]``. The layer owns a compact weight ``[C_out, D, kh, kw]``
+(linear: ``[C_out, D]``) and the flattened index as a persistent int64 buffer.
+
+Two executions compute the same function:
+
+* ``gather``: ``conv2d(x.index_select(1, index), weight, groups=G)`` (a grouped conv over
+  the k * C_in gathered channels);
+* ``masked``: scatter the compact weight into the dense ``[C_out, C_in, kh, kw]`` weight and
+  run the plain conv. This is the reference in tests, and faster where G is large.
+
+``execution="auto"`` picks per layer with :func:`auto_execution`.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .graphs import BipartiteGraph, build_graph, degree_for
+
+__all__ = [
+    "EXECUTIONS",
+    "XConv2d",
+    "XLinear",
+    "auto_execution",
+    "dense_weight",
+    "x_conv2d",
+    "x_linear",
+]
+
+# Above this many blocks a grouped conv splits into too many small GEMMs and the gathered
+# tensor (k * C_in channels) grows; the masked-dense conv is then faster on CPU and GPU.
+# Chosen from tools/bench_layers.py (see README, performance section).
+AUTO_MAX_BLOCKS = 64
+
+
+def auto_execution(blocks: int, out_features: int, device: torch.device | None = None) -> str:
+    """The execution ``auto`` resolves to for a layer of this shape."""
+    if blocks == 1:
+        return "masked"  # one block: a dense conv over the gathered inputs; masked is simplest
+    if device is not None and device.type != "cpu":
+        return "masked"
+    return "gather" if blocks <= AUTO_MAX_BLOCKS and blocks < out_features else "masked"
+
+
+def dense_weight(weight: torch.Tensor, index: torch.Tensor, in_features: int, blocks: int) -> torch.Tensor:
+    """Scatter a compact ``[C_out, D, ...]`` weight into the dense ``[C_out, C_in, ...]`` one.
+
+    Differentiable in ``weight``; ``index`` is the flat ``[G * D]`` index.
+    """
+    out_features, degree = weight.shape[:2]
+    rows = index.view(blocks, 1, degree).expand(blocks, out_features // blocks, degree)
+    rows = rows.reshape(out_features, degree, *([1] * (weight.dim() - 2))).expand_as(weight)
+    dense = weight.new_zeros((out_features, in_features, *weight.shape[2:]))
+    return dense.scatter(1, rows, weight)
+
+
+def _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode):
+    if padding_mode != "zeros":
+        x = F.pad(x, padding, mode=padding_mode)  # padding here is the 4-tuple F.pad wants
+        padding = 0
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def x_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    blocks: int,
+    execution: str = "gather",
+    padding_mode: str = "zeros",
+    skip_gather: bool = False,
+) -> torch.Tensor:
+    """Functional X-conv.
+
+    Args:
+        x: ``[N, C_in, H, W]``.
+        weight: compact ``[C_out, D, kh, kw]``.
+        index: flat ``[G * D]`` gathered input channels.
+        blocks: G.
+        execution: ``gather`` or ``masked`` (same math).
+        padding_mode: as ``nn.Conv2d``; for non-``zeros`` modes ``padding`` is the F.pad
+            4-tuple.
+        skip_gather: the index is the identity, so ``gather`` may skip ``index_select``.
+    """
+    if execution == "gather":
+        if not skip_gather:
+            x = x.index_select(1, index)
+        return _conv(x, weight, bias, stride, padding, dilation, blocks, padding_mode)
+    if execution == "masked":
+        w = dense_weight(weight, index, x.shape[1], blocks)
+        return _conv(x, w, bias, stride, padding, dilation, 1, padding_mode)
+    raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
+
+
+def x_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    blocks: int,
+    execution: str = "gather",
+) -> torch.Tensor:
+    """Functional X-linear on inputs of any leading shape ``[..., C_in]``."""
+    if execution == "gather":
+        out_features, degree = weight.shape
+        lead = x.shape[:-1]
+        xg = x.index_select(-1, index).reshape(-1, blocks, degree).transpose(0, 1)  # [G, M, D]
+        w = weight.view(blocks, out_features // blocks, degree).transpose(1, 2)  # [G, D, O/G]
+        y = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, out_features)
+        return y if bias is None else y + bias
+    if execution == "masked":
+        return F.linear(x, dense_weight(weight, index, x.shape[-1], blocks), bias)
+    raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
+
+
+EXECUTIONS = ("auto", "gather", "masked")
+
+
+class _XBase(nn.Module):
+    """Graph bookkeeping shared by XConv2d and XLinear."""
+
+    in_features: int
+    out_features: int
+    graph_name: str
+    graph_seed: int | None
+    degree: int
+    blocks: int
+
+    def _init_graph(
+        self,
+        in_features: int,
+        out_features: int,
+        degree: int | None,
+        compress: float | None,
+        mixing: int,
+        graph: str | BipartiteGraph,
+        seed: int,
+        blocks: int | None,
+        execution: str,
+    ) -> None:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
+        if isinstance(graph, BipartiteGraph):
+            g = graph
+            if (g.in_features, g.out_features) != (in_features, out_features):
+                raise ValueError(
+                    f"graph is {g.in_features}->{g.out_features} but the layer is "
+                    f"{in_features}->{out_features}"
+                )
+        else:
+            if degree is None and compress is None:
+                compress = 1.0
+            d = degree_for(in_features, compress=compress, degree=degree)
+            g = build_graph(
+                in_features, out_features, d, blocks, mixing=mixing, construction=graph, seed=seed
+            )
+        self.degree, self.blocks = g.degree, g.blocks
+        self.graph_name, self.graph_seed = g.construction, g.seed
+        self.execution = execution
+        self.register_buffer("index", g.index.reshape(-1).clone(), persistent=True)
+        self._refresh_identity()
+
+    @property
+    def graph(self) -> BipartiteGraph:
+        """The layer's graph, rebuilt from its index buffer (reflects a loaded state dict)."""
+        return BipartiteGraph(
+            self.in_features, self.out_features, self.degree, self.blocks,
+            self.index.detach().cpu().view(self.blocks, self.degree), self.graph_name, self.graph_seed,
+        )
+
+    @property
+    def mixing(self) -> float:
+        return self.blocks * self.degree / self.in_features
+
+    def resolved_execution(self, device: torch.device | None = None) -> str:
+        if self.execution != "auto":
+            return self.execution
+        return auto_execution(self.blocks, self.out_features, device or self.index.device)
+
+    def _refresh_identity(self) -> None:
+        # gather can be skipped when the index is the identity (k = 1 unshuffled, grouped);
+        # a plain bool so that tracing and export see no data-dependent branch
+        n = self.index.numel()
+        self._identity = n == self.in_features and bool(
+            torch.equal(self.index.cpu(), torch.arange(n))
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_identity()
+
+
+def _graph_repr(m: _XBase) -> str:
+    return f"degree={m.degree}, blocks={m.blocks}, graph={m.graph_name}"
+
+
+class XConv2d(_XBase):
+    """Expander-sparse ``nn.Conv2d``: each output channel reads ``degree`` input channels.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+            padding_mode: as ``nn.Conv2d`` (no ``groups``: grouped sources are not converted).
+        degree: inputs per output D; or give ``compress`` (D = C_in // compress).
+        compress: target compression C >= 1.
+        mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv.
+        graph: construction name (``random``, ``cayley``, ``grouped``, ``exact``) or a
+            prebuilt :class:`~xsurgery.graphs.BipartiteGraph`.
+        seed: seed of the graph construction.
+        blocks: explicit G (overrides ``mixing``).
+        execution: ``auto``, ``gather`` or ``masked``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        degree: int | None = None,
+        compress: float | None = None,
+        mixing: int = 2,
+        graph: str | BipartiteGraph = "random",
+        seed: int = 0,
+        blocks: int | None = None,
+        execution: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
+        self.in_channels = self.in_features = int(in_channels)
+        self.out_channels = self.out_features = int(out_channels)
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.padding_mode = padding_mode
+        self._init_graph(in_channels, out_channels, degree, compress, mixing, graph, seed, blocks, execution)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, self.degree, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if device is not None:
+            self.index = self.index.to(device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation with fan_in = D * kh * kw (the compact weight's)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.degree * self.kernel_size[0] * self.kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _padding_args(self):
+        if self.padding_mode == "zeros":
+            return self.padding
+        if isinstance(self.padding, str):
+            raise ValueError("string padding needs padding_mode='zeros'")
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        execution = self.resolved_execution(x.device)
+        return x_conv2d(
+            x, self.weight, self.index, self.bias, self.stride, self._padding_args(), self.dilation,
+            blocks=self.blocks, execution=execution, padding_mode=self.padding_mode,
+            skip_gather=self._identity,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return f"{s}, {_graph_repr(self)}"
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        compress: float | None = None,
+        degree: int | None = None,
+        mixing: int = 2,
+        graph: str | BipartiteGraph = "random",
+        seed: int = 0,
+        blocks: int | None = None,
+        init: str = "kaiming",
+        execution: str = "auto",
+    ) -> XConv2d:
+        """Build from a dense ``nn.Conv2d`` (``groups == 1``) with the same hyper-parameters.
+
+        ``init="keep"`` copies the dense weights of the kept connections; ``"kaiming"``
+        draws fresh ones.
+        """
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise ValueError("XConv2d.from_dense needs an nn.Conv2d with groups=1 (grouped/depthwise convs are not converted)")
+        _check_init(init)
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.bias is not None, conv.padding_mode, degree=degree, compress=compress,
+            mixing=mixing, graph=graph, seed=seed, blocks=blocks, execution=execution,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        if init == "keep":
+            _keep_weights(layer, conv)
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent plain ``nn.Conv2d`` (zeros where no connection exists)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        _copy_dense(self, conv)
+        return conv
+
+
+class XLinear(_XBase):
+    """Expander-sparse ``nn.Linear`` on inputs of any leading shape.
+
+    Arguments as :class:`XConv2d` (with ``in_features``/``out_features``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        degree: int | None = None,
+        compress: float | None = None,
+        mixing: int = 2,
+        graph: str | BipartiteGraph = "random",
+        seed: int = 0,
+        blocks: int | None = None,
+        execution: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_graph(in_features, out_features, degree, compress, mixing, graph, seed, blocks, execution)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, self.degree, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if device is not None:
+            self.index = self.index.to(device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation with fan_in = D."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.degree)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x_linear(x, self.weight, self.index, self.bias, blocks=self.blocks,
+                        execution=self.resolved_execution(x.device))
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.bias is None:
+            s += ", bias=False"
+        return f"{s}, {_graph_repr(self)}"
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        compress: float | None = None,
+        degree: int | None = None,
+        mixing: int = 2,
+        graph: str | BipartiteGraph = "random",
+        seed: int = 0,
+        blocks: int | None = None,
+        init: str = "kaiming",
+        execution: str = "auto",
+    ) -> XLinear:
+        """Build from a dense ``nn.Linear``; ``init`` as :meth:`XConv2d.from_dense`."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError("XLinear.from_dense needs an nn.Linear")
+        _check_init(init)
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, degree=degree,
+            compress=compress, mixing=mixing, graph=graph, seed=seed, blocks=blocks,
+            execution=execution, device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        if init == "keep":
+            _keep_weights(layer, linear)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent plain ``nn.Linear``."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        _copy_dense(self, lin)
+        return lin
+
+
+INITS = ("kaiming", "keep")
+
+
+def _check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+
+
+@torch.no_grad()
+def _keep_weights(layer: _XBase, dense: nn.Module) -> None:
+    rows = layer.index.view(layer.blocks, 1, layer.degree)
+    rows = rows.expand(layer.blocks, layer.out_features // layer.blocks, layer.degree)
+    rows = rows.reshape(layer.out_features, layer.degree)
+    w = dense.weight
+    rows = rows.view(*rows.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+    layer.weight.copy_(w.gather(1, rows))
+    if layer.bias is not None:
+        layer.bias.copy_(dense.bias)
+
+
+@torch.no_grad()
+def _copy_dense(layer: _XBase, dense: nn.Module) -> None:
+    dense.weight.copy_(dense_weight(layer.weight, layer.index, layer.in_features, layer.blocks))
+    if layer.bias is not None:
+        dense.bias.copy_(layer.bias)
+
