@@ -7,12 +7,34 @@ from ._version import __version__
 from .graphs import BipartiteGraph, build_graph, list_graphs, register_graph
 from .layers import XConv2d, XLinear
 
+
+def __getattr__(name):
+    # the heavier stages load on first use, so `import xsurgery` stays fast
+    if name == "convert":
+        from .surgery import convert
+
+        return convert
+    if name == "report":
+        from .analysis import report
+
+        return report
+    if name in ("save", "load"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'xsurgery' has no attribute {name!r}")
+
+
 __all__ = [
     "BipartiteGraph",
     "XConv2d",
     "XLinear",
     "__version__",
     "build_graph",
+    "convert",
+    "load",
+    "report",
+    "save",
     "list_graphs",
     "register_graph",
 ]

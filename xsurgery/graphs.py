@@ -253,7 +253,7 @@ def _random(in_features: int, out_features: int, degree: int, blocks: int, seed:
             take = min(degree - len(row), len(perm) - pos)
             row.extend(perm[pos:pos + take])
             pos += take
-        rows.append(row)
+        rows.append(sorted(row))  # a block's inputs are a set; sorted reads memory in order
     return torch.tensor(rows, dtype=torch.int64)
 
 

@@ -40,10 +40,12 @@ __all__ = [
 AUTO_MAX_BLOCKS = 64
 
 
-def auto_execution(blocks: int, out_features: int, device: torch.device | None = None) -> str:
+def auto_execution(
+    blocks: int, out_features: int, degree: int, in_features: int, device: torch.device | None = None
+) -> str:
     """The execution ``auto`` resolves to for a layer of this shape."""
-    if blocks == 1:
-        return "masked"  # one block: a dense conv over the gathered inputs; masked is simplest
+    if blocks == 1 or degree == in_features:
+        return "masked"  # full degree is a dense layer; masked runs exactly the dense conv
     if device is not None and device.type != "cpu":
         return "masked"
     return "gather" if blocks <= AUTO_MAX_BLOCKS and blocks < out_features else "masked"
@@ -81,6 +83,7 @@ def x_conv2d(
     execution: str = "gather",
     padding_mode: str = "zeros",
     skip_gather: bool = False,
+    in_features: int | None = None,
 ) -> torch.Tensor:
     """Functional X-conv.
 
@@ -93,13 +96,14 @@ def x_conv2d(
         padding_mode: as ``nn.Conv2d``; for non-``zeros`` modes ``padding`` is the F.pad
             4-tuple.
         skip_gather: the index is the identity, so ``gather`` may skip ``index_select``.
+        in_features: C_in for ``masked`` (default ``x.shape[1]``; a constant traces better).
     """
     if execution == "gather":
         if not skip_gather:
             x = x.index_select(1, index)
         return _conv(x, weight, bias, stride, padding, dilation, blocks, padding_mode)
     if execution == "masked":
-        w = dense_weight(weight, index, x.shape[1], blocks)
+        w = dense_weight(weight, index, in_features or x.shape[1], blocks)
         return _conv(x, w, bias, stride, padding, dilation, 1, padding_mode)
     raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
 
@@ -112,6 +116,7 @@ def x_linear(
     *,
     blocks: int,
     execution: str = "gather",
+    in_features: int | None = None,
 ) -> torch.Tensor:
     """Functional X-linear on inputs of any leading shape ``[..., C_in]``."""
     if execution == "gather":
@@ -122,7 +127,7 @@ def x_linear(
         y = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, out_features)
         return y if bias is None else y + bias
     if execution == "masked":
-        return F.linear(x, dense_weight(weight, index, x.shape[-1], blocks), bias)
+        return F.linear(x, dense_weight(weight, index, in_features or x.shape[-1], blocks), bias)
     raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
 
 
@@ -188,7 +193,7 @@ class _XBase(nn.Module):
     def resolved_execution(self, device: torch.device | None = None) -> str:
         if self.execution != "auto":
             return self.execution
-        return auto_execution(self.blocks, self.out_features, device or self.index.device)
+        return auto_execution(self.blocks, self.out_features, self.degree, self.in_features, device or self.index.device)
 
     def _refresh_identity(self) -> None:
         # gather can be skipped when the index is the identity (k = 1 unshuffled, grouped);
@@ -278,11 +283,11 @@ class XConv2d(_XBase):
         return (pw, pw, ph, ph)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        execution = self.resolved_execution(x.device)
+        # the buffer's device, not x's: under fx tracing x is a Proxy
         return x_conv2d(
             x, self.weight, self.index, self.bias, self.stride, self._padding_args(), self.dilation,
-            blocks=self.blocks, execution=execution, padding_mode=self.padding_mode,
-            skip_gather=self._identity,
+            blocks=self.blocks, execution=self.resolved_execution(), padding_mode=self.padding_mode,
+            skip_gather=self._identity, in_features=self.in_channels,
         )
 
     def extra_repr(self) -> str:
@@ -383,7 +388,7 @@ class XLinear(_XBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x_linear(x, self.weight, self.index, self.bias, blocks=self.blocks,
-                        execution=self.resolved_execution(x.device))
+                        execution=self.resolved_execution(), in_features=self.in_features)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}"

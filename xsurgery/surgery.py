@@ -1,0 +1,581 @@
+"""Surgery: replace chosen conv/linear layers of any model with X-layers.
+
+The model is traced with torch.fx (timm's no-trace leaf modules and functions registered)
+to find, by data flow, the stem (convs reading the input before any other learned op) and
+the classifier (layers whose output reaches the model output with no learned op after
+them). The chosen modules are then swapped by qualified name in a deep copy, so the result
+keeps its class and methods (timm's ``forward_features``, ``pretrained_cfg``, ...). When
+tracing fails the same rules run on module order instead, and the surgery says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+import operator
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import UserError
+from .graphs import BipartiteGraph, build_graph, choose_blocks, degree_for, layer_seed, list_graphs
+from .layers import EXECUTIONS, INITS, XConv2d, XLinear
+
+__all__ = ["KINDS", "LayerRule", "SurgerySpec", "apply_surgery", "convert", "decide", "load_plan"]
+
+KINDS = ("pointwise", "conv", "linear")
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Per-pattern settings of a plan: exact name, glob, or ``re:<regex>``.
+
+    A rule that matches a layer converts it (it wins over the stem/classifier/kind/width
+    defaults like ``--include``) with its own settings, unless ``skip`` keeps it dense.
+    """
+
+    pattern: str
+    compress: float | None = None
+    degree: int | None = None
+    mixing: int | None = None
+    graph: str | None = None
+    skip: bool = False
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class SurgerySpec:
+    """Everything that decides a surgery; round-trips through :meth:`to_dict`."""
+
+    compress: float | None = None
+    degree: int | None = None
+    mixing: int = 2
+    graph: str = "random"
+    seed: int = 0
+    init: str = "kaiming"
+    layers: tuple[str, ...] = KINDS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_stem: bool = False
+    include_classifier: bool = False
+    min_channels: int = 0
+    plan: tuple[LayerRule, ...] = ()
+    execution: str = "auto"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.compress is None and self.degree is None:
+            object.__setattr__(self, "compress", 2.0)
+        if self.compress is not None and self.degree is not None:
+            raise UserError("give --compress or --degree, not both")
+        if self.compress is not None:
+            c = self.compress
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 1:
+                raise UserError(f"--compress must be a number >= 1 (1 keeps layers dense), got {c}")
+        if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1):
+            raise UserError(f"--degree must be a positive integer, got {self.degree}")
+        if not isinstance(self.mixing, int) or isinstance(self.mixing, bool) or self.mixing < 1:
+            raise UserError(f"--mixing must be a positive integer, got {self.mixing}")
+        if self.graph not in list_graphs():
+            raise UserError(f"unknown --graph {self.graph!r}; choose one of {', '.join(list_graphs())}")
+        if self.init not in INITS:
+            raise UserError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.execution not in EXECUTIONS:
+            raise UserError(f"unknown --execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        bad = [k for k in self.layers if k not in KINDS]
+        if bad or not self.layers:
+            raise UserError(f"--layers takes any of {', '.join(KINDS)}, got {', '.join(self.layers) or 'nothing'}")
+        if self.min_channels < 0:
+            raise UserError(f"--min-channels must be >= 0, got {self.min_channels}")
+        for rule in self.plan:
+            if rule.graph is not None and rule.graph not in list_graphs():
+                raise UserError(f"plan rule {rule.pattern!r}: unknown graph {rule.graph!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"], d["include"], d["exclude"] = list(self.layers), list(self.include), list(self.exclude)
+        d["plan"] = [{k: v for k, v in asdict(r).items() if v not in (None, False)} for r in self.plan]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SurgerySpec:
+        d = dict(d)
+        version = d.pop("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise UserError(f"surgery spec version {version} is not supported (this xsurgery reads {SPEC_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown surgery field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        for key in ("layers", "include", "exclude"):
+            if key in d and d[key] is not None:
+                d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
+        if "plan" in d:
+            d["plan"] = load_plan(d["plan"])
+        return cls(**d)
+
+
+def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
+    """Rules from a YAML/JSON file path, a list of dicts, or ``{"rules": [...]}``.
+
+    Each rule: ``{pattern, compress?, degree?, mixing?, graph?, skip?}``.
+    """
+    if plan is None:
+        return ()
+    if isinstance(plan, str):
+        try:
+            with open(plan, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UserError(f"cannot read plan file {plan!r}: {exc.strerror}") from exc
+        try:
+            if plan.endswith(".json"):
+                plan = json.loads(text)
+            else:
+                import yaml
+
+                plan = yaml.safe_load(text)
+        except Exception as exc:
+            raise UserError(f"plan file {plan!r} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+    if isinstance(plan, dict):
+        plan = plan.get("rules", [])
+    if not isinstance(plan, (list, tuple)):
+        raise UserError("a plan is a list of rules such as [{pattern: 'features.*', compress: 4}]")
+    rules = []
+    valid = {f.name for f in fields(LayerRule)}
+    for item in plan:
+        if isinstance(item, LayerRule):
+            rules.append(item)
+            continue
+        if not isinstance(item, dict) or "pattern" not in item:
+            raise UserError(f"plan rule {item!r} needs a 'pattern' (a module name, glob, or re:regex)")
+        unknown = sorted(set(item) - valid)
+        if unknown:
+            raise UserError(f"plan rule {item['pattern']!r}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        rules.append(LayerRule(**item))
+    return tuple(rules)
+
+
+@dataclass
+class Decision:
+    """What the surgery does with one conv/linear layer (also the report's per-layer input)."""
+
+    name: str
+    kind: str
+    converted: bool
+    reason: str | None
+    in_channels: int
+    out_channels: int
+    kernel: list[int] | None
+    degree: int | None = None
+    blocks: int | None = None
+    graph: str | None = None
+    mixing: float | None = None
+    spectral_gap: float | None = None
+    note: str | None = None
+    seed: int | None = None
+    _graph: BipartiteGraph | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- tracing
+
+_LEARNED_FUNCS = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
+                  operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv2d,
+                  torch.nn.functional.scaled_dot_product_attention}
+_LEARNED_METHODS = {"matmul", "bmm", "mm", "__matmul__", "baddbmm"}
+
+
+@dataclass
+class _Trace:
+    ok: bool
+    stems: set[str]
+    classifiers: set[str]
+    error: str | None = None
+
+
+def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
+    leaf: tuple[type, ...] = ()
+    autowrap: tuple = ()
+    if type(model).__module__.startswith("timm"):
+        from timm.layers import _fx as timm_fx
+
+        leaf = tuple(timm_fx.get_notrace_modules())
+        autowrap = tuple(timm_fx.get_notrace_functions())
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+
+    return Tracer(autowrap_functions=autowrap)
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Linear, XConv2d, XLinear))
+
+
+def _trace(model: nn.Module) -> _Trace:
+    """Stems and classifiers by data flow in the fx graph."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _tracer_for(model).trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
+        return _Trace(False, set(), set(), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    modules = dict(model.named_modules())
+
+    def learned(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            return m is not None and (_is_layer(m) or any(_is_layer(c) for c in m.modules()))
+        if node.op == "call_function":
+            return node.target in _LEARNED_FUNCS
+        if node.op == "call_method":
+            return node.target in _LEARNED_METHODS
+        return False
+
+    def is_layer_node(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and _is_layer(modules.get(node.target, nn.Identity()))
+
+    nodes = list(graph.nodes)
+    upstream: dict[torch.fx.Node, bool] = {}
+    from_input: dict[torch.fx.Node, bool] = {}
+    stems: set[str] = set()
+    for node in nodes:
+        ins = node.all_input_nodes
+        upstream[node] = any(upstream[i] or learned(i) for i in ins)
+        from_input[node] = node.op == "placeholder" or any(from_input[i] for i in ins)
+        if is_layer_node(node) and not upstream[node] and from_input[node]:
+            m = modules[node.target]
+            if isinstance(m, (nn.Conv2d, XConv2d)):
+                stems.add(node.target)
+    downstream: dict[torch.fx.Node, bool] = {}
+    reaches_output: dict[torch.fx.Node, bool] = {}
+    classifiers: set[str] = set()
+    for node in reversed(nodes):
+        users = list(node.users)
+        downstream[node] = any(downstream[u] or learned(u) for u in users)
+        reaches = node.op == "output" or any(u.op == "output" or reaches_output.get(u, False) for u in users)
+        reaches_output[node] = reaches
+        if is_layer_node(node) and not downstream[node] and reaches:
+            classifiers.add(node.target)
+    return _Trace(True, stems, classifiers)
+
+
+def _fallback_roles(model: nn.Module) -> _Trace:
+    """Without a trace: the first conv is the stem; the head is timm's classifier or the last layer."""
+    stems: set[str] = set()
+    classifiers: set[str] = set()
+    layers = [(n, m) for n, m in model.named_modules() if _is_layer(m)]
+    convs = [n for n, m in layers if isinstance(m, (nn.Conv2d, XConv2d))]
+    if convs:
+        stems.add(convs[0])
+    head = None
+    if hasattr(model, "get_classifier"):
+        try:
+            head = model.get_classifier()
+        except Exception:
+            head = None
+    if isinstance(head, nn.Module):
+        ids = {id(m) for m in head.modules()}
+        classifiers |= {n for n, m in layers if id(m) in ids}
+    if not classifiers and layers:
+        classifiers.add(layers[-1][0])
+    return _Trace(False, stems, classifiers)
+
+
+# ---------------------------------------------------------------------------- decisions
+
+# nn.Conv2d / nn.Linear subclasses with the same forward (safe to replace)
+_SAME_FORWARD = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "timm.layers.linear.Linear"}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if m.groups > 1:
+        return "depthwise" if m.groups == m.in_channels else "grouped"
+    return "pointwise" if tuple(m.kernel_size) == (1, 1) else "conv"
+
+
+def _direct_weight_users(model: nn.Module) -> set[str]:
+    """Layers whose parent reads their ``.weight`` itself instead of calling them."""
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out |= {f"{name}.{c}" if name else c for c, _ in m.named_modules() if c}
+    return out
+
+
+def _match_any(name: str, patterns: Iterable[str]) -> str | None:
+    for p in patterns:
+        if p.startswith("re:") and re.fullmatch(p[3:], name) or fnmatch.fnmatchcase(name, p):
+            return p
+    return None
+
+
+def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
+    for r in plan:  # exact name first, then patterns in order
+        if r.pattern == name:
+            return r
+    for r in plan:
+        if r.matches(name):
+            return r
+    return None
+
+
+def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], _Trace]:
+    """Decide, for every conv/linear layer, whether and how to convert it (no model change)."""
+    trace = _trace(model)
+    if not trace.ok:
+        roles = _fallback_roles(model)
+        trace.stems, trace.classifiers = roles.stems, roles.classifiers
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
+        for p in pats:
+            if not any(_match_any(n, [p]) for n in names):
+                raise UserError(f"{flag} pattern {p!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
+    for rule in spec.plan:
+        if not any(rule.matches(n) for n in names):
+            raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
+    direct = _direct_weight_users(model)
+    decisions = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        kind = _kind(m)
+        cin, cout = (m.in_features, m.out_features) if kind == "linear" else (m.in_channels, m.out_channels)
+        kernel = None if kind == "linear" else list(m.kernel_size)
+        d = Decision(name, kind, False, None, cin, cout, kernel)
+        decisions.append(d)
+        rule = _rule_for(name, spec.plan)
+        if type(m) not in (nn.Conv2d, nn.Linear) and _qualname(type(m)) not in _SAME_FORWARD:
+            d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
+        elif kind in ("depthwise", "grouped"):
+            d.reason = f"{kind} conv (groups={m.groups}) is never converted"
+        elif name in direct:
+            d.reason = "weights read directly by nn.MultiheadAttention"
+        elif _match_any(name, spec.exclude):
+            d.reason = f"excluded by --exclude {_match_any(name, spec.exclude)}"
+        elif rule is not None and rule.skip:
+            d.reason = f"kept dense by plan rule {rule.pattern!r}"
+        elif not (_match_any(name, spec.include) or rule is not None):
+            if kind not in spec.layers:
+                d.reason = f"{kind} not in --layers"
+            elif name in trace.stems and not spec.include_stem:
+                d.reason = "stem (--include-stem converts it)"
+            elif name in trace.classifiers and not spec.include_classifier:
+                d.reason = "classifier (--include-classifier converts it)"
+            elif cin < spec.min_channels:
+                d.reason = f"narrower than --min-channels {spec.min_channels}"
+        if d.reason is None:
+            _plan_layer(d, spec, rule)
+    if not any(d.converted for d in decisions) and any(d.reason and d.reason.startswith("degree") for d in decisions):
+        raise UserError(f"--degree {spec.degree} is larger than the input channels of every selected layer; "
+                        f"use a smaller degree or --compress")
+    return decisions, trace
+
+
+def _plan_layer(d: Decision, spec: SurgerySpec, rule: LayerRule | None) -> None:
+    compress, degree, mixing, construction = spec.compress, spec.degree, spec.mixing, spec.graph
+    if rule is not None:
+        if rule.compress is not None or rule.degree is not None:
+            compress, degree = rule.compress, rule.degree
+        mixing = rule.mixing if rule.mixing is not None else mixing
+        construction = rule.graph or construction
+    if degree is not None and degree > d.in_channels:
+        d.reason = f"degree {degree} > {d.in_channels} input channels"
+        return
+    try:
+        D = degree_for(d.in_channels, compress=compress, degree=degree)
+        seed = layer_seed(spec.seed, d.name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            blocks = choose_blocks(d.in_channels, d.out_channels, D, mixing, construction)
+            g = build_graph(d.in_channels, d.out_channels, D, blocks, construction=construction, seed=seed)
+    except ValueError as exc:
+        d.reason = str(exc).split(";")[0]
+        return
+    if caught:
+        d.note = "; ".join(str(w.message) for w in caught)
+    d.converted, d.degree, d.blocks, d.graph = True, g.degree, g.blocks, g.construction
+    d.mixing, d.seed, d._graph = g.mixing, g.seed, g
+
+
+# ------------------------------------------------------------------------------- apply
+
+
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, new)
+
+
+def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[Decision], _Trace]:
+    """Convert a deep copy of ``model``; returns (copy, decisions, trace info)."""
+    decisions, trace = decide(model, spec)
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    for d in decisions:
+        if not d.converted:
+            continue
+        dense = modules[d.name]
+        cls = XLinear if d.kind == "linear" else XConv2d
+        layer = cls.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
+        layer.train(dense.training)
+        _swap(out, dense, layer)
+    out._xsurgery_spec = spec.to_dict()
+    return out, decisions, trace
+
+
+def _outputs_shapes(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return tuple(obj.shape)
+    if isinstance(obj, dict):
+        return {k: _outputs_shapes(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_outputs_shapes(v) for v in obj]
+    return type(obj).__name__
+
+
+def normalize_input_size(input_size: int | Sequence[int] | None, model: nn.Module) -> tuple[int, ...]:
+    """``None`` -> the model's default; ``H`` or ``(H, W)`` -> ``(C, H, W)`` with the default C."""
+    from .analysis import default_input_size
+
+    default = tuple(default_input_size(model))
+    if input_size is None:
+        return default
+    size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
+    if any(s < 1 for s in size) or len(size) not in (1, 2, 3):
+        raise UserError(f"--input-size takes H, H W or C H W with positive values, got {list(size)}")
+    if len(size) == 1:
+        return (default[0], size[0], size[0])
+    if len(size) == 2:
+        return (default[0], *size)
+    return size
+
+
+def convert(
+    model: nn.Module | str,
+    *,
+    compress: float | None = None,
+    degree: int | None = None,
+    mixing: int = 2,
+    graph: str = "random",
+    seed: int = 0,
+    init: str = "kaiming",
+    layers: Sequence[str] = KINDS,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    include_stem: bool = False,
+    include_classifier: bool = False,
+    min_channels: int = 0,
+    plan: str | Sequence | dict | None = None,
+    execution: str = "auto",
+    input_size: int | Sequence[int] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained: bool = False,
+    check: bool = True,
+):
+    """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
+
+    Args:
+        model: an ``nn.Module`` (not modified) or a model source (see
+            :func:`xsurgery._sources.create_model`).
+        compress: target compression C (D = C_in // C, at least 1); default 2.
+        degree: explicit degree D instead of ``compress``.
+        mixing: k, blocks reading each input (1 = shuffle + grouped conv, 2 = expander).
+        graph: construction (``random``, ``cayley``, ``grouped``, ``exact``).
+        seed: global seed; each layer's graph is seeded from it and the layer's name.
+        init: ``kaiming`` (fresh) or ``keep`` (copy the kept dense weights).
+        layers: kinds to convert: ``pointwise``, ``conv``, ``linear``.
+        include: glob/``re:`` patterns converted regardless of the defaults.
+        exclude: patterns never converted (wins over ``include``).
+        include_stem: convert the stem conv(s) too.
+        include_classifier: convert the classifier too.
+        min_channels: skip layers with fewer input channels.
+        plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
+        execution: ``auto``, ``gather`` or ``masked``.
+        input_size: for the check forward and the report (default: the model's own).
+        model_kwargs: factory kwargs when ``model`` is a name.
+        pretrained: ask for the library's weights when ``model`` is a name.
+        check: run original and converted once and compare output shapes.
+
+    Returns:
+        The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
+    """
+    from ._sources import create_model, is_checkpoint_path
+    from .analysis import report as make_report
+
+    if isinstance(model, str):
+        if is_checkpoint_path(model):
+            raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
+        name = model
+        model = create_model(model, model_kwargs, pretrained)
+    elif isinstance(model, nn.Module):
+        if model_kwargs or pretrained:
+            raise UserError("model_kwargs/pretrained only apply when the model is given by name")
+        name = type(model).__name__
+    else:
+        raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
+    spec = SurgerySpec(
+        compress=compress, degree=degree, mixing=mixing, graph=graph, seed=seed, init=init,
+        layers=(layers,) if isinstance(layers, str) else tuple(layers),
+        include=(include,) if isinstance(include, str) else tuple(include),
+        exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
+        include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
+        plan=load_plan(plan), execution=execution,
+    )
+    size = normalize_input_size(input_size, model)
+    converted, decisions, trace = apply_surgery(model, spec)
+    if check:
+        _check_forward(model, converted, size)
+    rep = make_report(converted, size, name=name, decisions=[d.to_dict() for d in decisions])
+    rep.method = "fx" if trace.ok else "module-swap"
+    rep.trace_error = trace.error
+    return converted, rep
+
+
+@torch.no_grad()
+def _check_forward(original: nn.Module, converted: nn.Module, size: tuple[int, ...]) -> None:
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    was = original.training, converted.training
+    original.eval()
+    converted.eval()
+    try:
+        try:
+            ref = _outputs_shapes(original(x))
+        except Exception as exc:
+            raise UserError(f"the original model does not run on input {list(size)} ({type(exc).__name__}); "
+                            f"pass --input-size") from exc
+        out = _outputs_shapes(converted(x))
+    finally:
+        original.train(was[0])
+        converted.train(was[1])
+    if out != ref:
+        raise RuntimeError(f"converted model's output shapes {out} differ from the original's {ref}")
+
+
+def spec_of(model: nn.Module) -> SurgerySpec | None:
+    """The surgery spec recorded on a converted model, if any."""
+    d = getattr(model, "_xsurgery_spec", None)
+    return SurgerySpec.from_dict(d) if d is not None else None
