@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ __all__ = ["LayerRow", "Report", "cached_spectral_gap", "default_input_size", "r
 _X = (XConv2d, XLinear)
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear, XConv2d, XLinear)
 _DECISION_FIELDS = ("kind", "reason", "in_channels", "out_channels", "kernel", "degree", "blocks", "graph",
-                    "spectral_gap", "mixing")
+                    "spectral_gap", "mixing", "note", "seed")
 
 
 # --------------------------------------------------------------------------- input size
@@ -95,6 +95,8 @@ class LayerRow:
     mixing: float | None = None
     calls: int = 0
     projected: bool = False
+    note: str | None = None
+    seed: int | None = None
 
     @property
     def flops_before(self) -> int:
@@ -330,6 +332,8 @@ class Report:
     params_before: int = 0
     params_after: int = 0
     batch: int = 1
+    method: str | None = None  # how the surgery rewrote the model ("fx" / "module-swap"), if it did
+    trace_error: str | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -354,6 +358,8 @@ class Report:
             "model": self.model,
             "input_size": list(self.input_size),
             "batch": self.batch,
+            **({"method": self.method} if self.method is not None else {}),
+            **({"trace_error": self.trace_error} if self.trace_error is not None else {}),
             "totals": self.totals,
             "layers": [r.to_dict() for r in self.layers],
         }
@@ -368,7 +374,7 @@ class Report:
         rows = [LayerRow(**{k: v for k, v in r.items() if k in names}) for r in d["layers"]]
         t = d["totals"]
         return cls(d["model"], list(d["input_size"]), rows, int(t["params_before"]), int(t["params_after"]),
-                   int(d.get("batch", 1)))
+                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"))
 
     def render(self, console=None, max_rows: int | None = None) -> None:
         """Print the layer table and the totals with ``rich``.
@@ -386,10 +392,13 @@ class Report:
         if self.batch != 1:
             title += f", batch {self.batch}"
         table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
-        for col, kw in [("layer", {"overflow": "fold"}), ("kind", {}), ("C_in->C_out", {"justify": "right"}),
-                        ("kernel", {}), ("D", {"justify": "right"}), ("G", {"justify": "right"}), ("graph", {}),
-                        ("gap", {"justify": "right"}), ("params", {"justify": "right"}),
-                        ("MACs", {"justify": "right"}), ("reason", {})]:
+        graphs = any(r.degree is not None for r in self.layers)  # D, G, graph, gap only when there are some
+        cols = [("layer", {"overflow": "fold"}), ("kind", {}), ("C_in->C_out", {"justify": "right"}), ("kernel", {})]
+        if graphs:
+            cols += [("D", {"justify": "right"}), ("G", {"justify": "right"}), ("graph", {}),
+                     ("gap", {"justify": "right"})]
+        cols += [("params", {"justify": "right"}), ("MACs", {"justify": "right"}), ("reason", {})]
+        for col, kw in cols:
             table.add_column(col, **kw)
         rows = self.layers
         hidden = 0
@@ -400,19 +409,19 @@ class Report:
             rows = rows[:head] + [None] + (rows[-tail:] if tail else [])  # type: ignore[list-item]
         for r in rows:
             if r is None:
-                table.add_row(f"... {hidden} more layers (--json lists all)", *[""] * 10, style="dim")
+                table.add_row(f"... {hidden} more layers", *[""] * (len(cols) - 1), style="dim")
                 continue
             chans = f"{r.in_channels}->{r.out_channels}" if r.in_channels is not None else ""
-            table.add_row(
-                _fmt_name(r.name), r.kind, chans,
-                "x".join(map(str, r.kernel)) if r.kernel else "",
-                _opt(r.degree), _opt(r.blocks), r.graph or "",
-                "" if r.spectral_gap is None else f"{r.spectral_gap:.3f}",
-                _before_after(r.params_before, r.params_after),
-                _before_after(r.macs_before, r.macs_after),
-                r.reason or "",
-                style="green" if r.converted else None,
-            )
+            cells = [_fmt_name(r.name), r.kind, chans, "x".join(map(str, r.kernel)) if r.kernel else ""]
+            if graphs:
+                cells += [_opt(r.degree), _opt(r.blocks), r.graph or "",
+                          "" if r.spectral_gap is None else f"{r.spectral_gap:.3f}"]
+            reason = r.reason or r.note or ("not run" if r.calls == 0 and not r.projected else "")
+            if r.projected:
+                reason = f"{reason} (planned)".strip()
+            cells += [_before_after(r.params_before, r.params_after), _before_after(r.macs_before, r.macs_after),
+                      reason]
+            table.add_row(*cells, style="green" if r.converted else None)
         console.print(table)
 
         t = self.totals
@@ -447,10 +456,14 @@ def _before_after(b: int, a: int) -> str:
     return _human(b) if a == b else f"{_human(b)} -> {_human(a)}"
 
 
-def _merge(rows: list[LayerRow], decisions: Iterable[Mapping[str, Any]], modules: Mapping[str, nn.Module],
+def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str, nn.Module],
            project: bool) -> None:
     by_name = {r.name: r for r in rows if r.kind not in ("matmul", "attention", "functional")}
     for d in decisions:
+        if is_dataclass(d) and not isinstance(d, type):
+            d = asdict(d)
+        elif not isinstance(d, Mapping) and hasattr(d, "to_dict"):
+            d = d.to_dict()
         name = d.get("name")
         if name is None:
             continue
@@ -468,10 +481,10 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Mapping[str, Any]], modules
             if is_x and key in ("in_channels", "out_channels", "kernel", "degree", "blocks", "graph", "mixing"):
                 continue  # the module is the truth for what was built
             if not is_x and not (project and d.get("converted")) and key in ("degree", "blocks", "graph",
-                                                                              "spectral_gap", "mixing"):
+                                                                              "spectral_gap", "mixing", "seed"):
                 continue  # graph details of a layer that is not (or not yet) converted
             setattr(row, key, list(value) if key == "kernel" else value)
-        if project and d.get("converted") and not is_x and d.get("degree"):
+        if project and d.get("converted") and not is_x and d.get("degree") and row.in_channels and row.out_channels:
             # dry run: the layer as the plan would build it
             area = math.prod(row.kernel) if row.kernel else 1
             bias = row.params_before - row.in_channels * row.out_channels * area if row.in_channels else 0
@@ -485,7 +498,7 @@ def report(
     input_size: Sequence[int] | None = None,
     *,
     name: str | None = None,
-    decisions: Iterable[Mapping[str, Any]] | None = None,
+    decisions: Iterable[Any] | None = None,
     batch: int = 1,
     project: bool = False,
 ) -> Report:
@@ -519,7 +532,7 @@ def report(
                     dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
     tracker = _Tracker(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     # nn.MultiheadAttention's fused fast path is one opaque aten op; the regular path is countable
     fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
@@ -530,7 +543,8 @@ def report(
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tracker.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
     rows = tracker.all_rows()
     modules = dict(model.named_modules())

@@ -59,6 +59,7 @@ def manifest_of(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "source": source,
         "surgery": getattr(model, "_xsurgery_spec", None),
+        "input_size": getattr(model, "_xsurgery_input_size", None),
         "layers": layers,
         "versions": _versions(),
     }
@@ -153,4 +154,6 @@ def load(path: str, *, map_location: str = "cpu") -> nn.Module:
         bad = sorted(n for n in set(recorded) | set(found) if recorded.get(n) != found.get(n))
         raise UserError(f"{path}: graphs of {', '.join(bad[:3])} do not match the manifest; the file was altered or is corrupt")
     model._xsurgery_manifest = manifest
+    if manifest.get("input_size"):
+        model._xsurgery_input_size = manifest["input_size"]
     return model

@@ -30,7 +30,7 @@ def _json_arg(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}' ({exc.msg})")
+        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}' ({exc.msg})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object such as '{\"num_classes\": 10}'")
     return value
@@ -125,7 +125,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from ._sources import create_model, is_checkpoint_path
-    from .graphs import spectral_gap
+    from .analysis import cached_spectral_gap
     from .surgery import SurgerySpec, decide, load_plan
 
     if is_checkpoint_path(args.model):
@@ -139,7 +139,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     rows = []
     for d in decisions:
         row = d.to_dict()
-        row["spectral_gap"] = spectral_gap(d._graph) if d._graph is not None else None
+        row["spectral_gap"] = cached_spectral_gap(d._graph) if d._graph is not None else None
         rows.append(row)
     if args.json:
         _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json)

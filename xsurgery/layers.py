@@ -17,6 +17,7 @@ Two executions compute the same function:
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,7 +184,7 @@ class _XBase(nn.Module):
         """The layer's graph, rebuilt from its index buffer (reflects a loaded state dict)."""
         return BipartiteGraph(
             self.in_features, self.out_features, self.degree, self.blocks,
-            self.index.detach().cpu().view(self.blocks, self.degree), self.graph_name, self.graph_seed,
+            self._index_cpu.view(self.blocks, self.degree), self.graph_name, self.graph_seed,
         )
 
     @property
@@ -197,11 +198,12 @@ class _XBase(nn.Module):
 
     def _refresh_identity(self) -> None:
         # gather can be skipped when the index is the identity (k = 1 unshuffled, grouped);
-        # a plain bool so that tracing and export see no data-dependent branch
-        n = self.index.numel()
-        self._identity = n == self.in_features and bool(
-            torch.equal(self.index.cpu(), torch.arange(n))
-        )
+        # a plain bool so that tracing and export see no data-dependent branch. A CPU copy
+        # of the index keeps the graph readable when the module lives on the meta device.
+        if self.index.device.type != "meta":
+            self._index_cpu = self.index.detach().cpu()
+        n = self._index_cpu.numel()
+        self._identity = n == self.in_features and bool(torch.equal(self._index_cpu, torch.arange(n)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -206,6 +206,7 @@ class _Trace:
     stems: set[str]
     classifiers: set[str]
     error: str | None = None
+    direct: set[str] = field(default_factory=set)  # layers whose weights the graph reads itself
 
 
 def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
@@ -273,7 +274,8 @@ def _trace(model: nn.Module) -> _Trace:
         reaches_output[node] = reaches
         if is_layer_node(node) and not downstream[node] and reaches:
             classifiers.add(node.target)
-    return _Trace(True, stems, classifiers)
+    direct = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
+    return _Trace(True, stems, classifiers, direct=direct)
 
 
 def _fallback_roles(model: nn.Module) -> _Trace:
@@ -373,6 +375,8 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], _Trace]
             d.reason = f"{kind} conv (groups={m.groups}) is never converted"
         elif name in direct:
             d.reason = "weights read directly by nn.MultiheadAttention"
+        elif name in trace.direct:
+            d.reason = "weights read directly (e.g. F.linear(x, layer.weight)), not called as a module"
         elif _match_any(name, spec.exclude):
             d.reason = f"excluded by --exclude {_match_any(name, spec.exclude)}"
         elif rule is not None and rule.skip:
@@ -381,9 +385,9 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], _Trace]
             if kind not in spec.layers:
                 d.reason = f"{kind} not in --layers"
             elif name in trace.stems and not spec.include_stem:
-                d.reason = "stem (--include-stem converts it)"
+                d.reason = "stem (--include-stem)"
             elif name in trace.classifiers and not spec.include_classifier:
-                d.reason = "classifier (--include-classifier converts it)"
+                d.reason = "classifier (--include-classifier)"
             elif cin < spec.min_channels:
                 d.reason = f"narrower than --min-channels {spec.min_channels}"
         if d.reason is None:
@@ -461,7 +465,8 @@ def normalize_input_size(input_size: int | Sequence[int] | None, model: nn.Modul
     """``None`` -> the model's default; ``H`` or ``(H, W)`` -> ``(C, H, W)`` with the default C."""
     from .analysis import default_input_size
 
-    default = tuple(default_input_size(model))
+    recorded = getattr(model, "_xsurgery_input_size", None)  # what convert used, kept in checkpoints
+    default = tuple(recorded) if recorded else tuple(default_input_size(model))
     if input_size is None:
         return default
     size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
@@ -547,6 +552,7 @@ def convert(
     )
     size = normalize_input_size(input_size, model)
     converted, decisions, trace = apply_surgery(model, spec)
+    converted._xsurgery_input_size = list(size)
     if check:
         _check_forward(model, converted, size)
     rep = make_report(converted, size, name=name, decisions=[d.to_dict() for d in decisions])
@@ -557,7 +563,8 @@ def convert(
 
 @torch.no_grad()
 def _check_forward(original: nn.Module, converted: nn.Module, size: tuple[int, ...]) -> None:
-    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    p = next(original.parameters(), None)
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(p.device if p is not None else "cpu")
     was = original.training, converted.training
     original.eval()
     converted.eval()
