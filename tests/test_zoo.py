@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from xsurgery.layers import XConv2d
+from xsurgery.surgery import convert
+from xsurgery.zoo import MODELS, densenet_bc_40, vgg16_cifar
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # shared 2-core CI machines: one OpenMP thread is many times faster than two fighting others
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def densenet_bc_params(depth: int, k: int, classes: int, theta: float = 0.5) -> int:
+    """DenseNet-BC parameter count from the architecture's definition (Huang et al. 2017)."""
+    n = (depth - 4) // 6
+    c = 2 * k
+    total = 3 * c * 9  # 3x3 stem, no bias
+    for block in range(3):
+        for _ in range(n):
+            total += 2 * c + c * 4 * k + 2 * 4 * k + 4 * k * k * 9  # BN, 1x1 to 4k, BN, 3x3 to k
+            c += k
+        if block < 2:
+            out = math.floor(theta * c)
+            total += 2 * c + c * out  # BN, 1x1 transition
+            c = out
+    return total + 2 * c + c * classes + classes  # final BN, classifier
+
+
+def vgg16_params(classes: int) -> int:
+    cfg = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    total, c = 0, 3
+    for v in cfg:
+        total += c * v * 9 + v + 2 * v  # conv + bias, BN
+        c = v
+    return total + 512 * 512 + 512 + 512 * classes + classes
+
+
+@pytest.mark.parametrize("k", [24, 36, 48, 60])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_densenet_bc_40_param_count(k, classes):
+    model = densenet_bc_40(growth_rate=k, num_classes=classes)
+    assert sum(p.numel() for p in model.parameters()) == densenet_bc_params(40, k, classes)
+
+
+def test_densenet_bc_40_24_is_about_0_69m():
+    # the formula gives 690,346 for k=24 on CIFAR-10 (not 0.19M)
+    assert densenet_bc_params(40, 24, 10) == 690_346
+    convs = [m for m in densenet_bc_40().modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 * 6 * 2 + 2  # stem, bottleneck pairs, transitions: depth 40 with the fc
+
+
+def test_vgg16_cifar_param_count():
+    model = vgg16_cifar(num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == vgg16_params(10)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 13
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_shapes_and_default_input_size(name):
+    model = MODELS[name](num_classes=7)
+    c, h, w = model.default_input_size
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, c, h, w)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_surgery_converts_zoo_models_like_any_model(name):
+    model = MODELS[name]()
+    assert not any(isinstance(m, XConv2d) for m in model.modules())  # plain definitions
+    x_model, _ = convert(name, compress=2)
+    xs = [m for m in x_model.modules() if isinstance(m, XConv2d)]
+    dense_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(xs) == len(dense_convs) - 1  # all but the stem
+    assert type(x_model) is type(model)
+    c, h, w = model.default_input_size
+    x_model.train()
+    out = x_model(torch.randn(2, c, h, w))
+    out.sum().backward()
+    assert all(m.weight.grad is not None for m in xs)
+
+
+def test_densenet_depth_must_be_6n_plus_4():
+    from xsurgery.zoo import DenseNetBC
+
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        DenseNetBC(depth=41)

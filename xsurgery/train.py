@@ -1,0 +1,561 @@
+"""Train a recipe from scratch: resumable, one process or many (``torchrun``).
+
+``xsurgery train recipes/<name>.yaml [--variant V] [key=value ...] [--resume] [--device D] [--amp]``
+
+Outputs, in the recipe's output folder (rank 0 writes, every file atomically):
+
+* ``recipe.yaml``: the resolved recipe;
+* ``last.xs``: the model after the last finished epoch (:func:`xsurgery.checkpoint.save`);
+* ``train_state.safetensors`` + ``train_state.json``: optimizer tensors, RNG states, and the
+  scalars (epoch, step, metrics so far, digests of the two other files); no pickle;
+* ``metrics.jsonl``: one JSON line per epoch.
+
+Determinism: every epoch reseeds torch/numpy/python from (seed, epoch, rank) and the sampler
+from (seed, epoch), so a resumed run repeats an uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import UserError
+from ._recipe import Recipe, ScheduleSpec, load_recipe, recipe_to_yaml
+
+__all__ = ["add_cli", "build_model", "lr_at", "train"]
+
+STATE_VERSION = 1
+CHECKPOINT = "last.xs"
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+METRICS = "metrics.jsonl"
+RECIPE_FILE = "recipe.yaml"
+# fields that may change between a run and its --resume
+RESUMABLE_CHANGES = ("epochs", "workers", "eval_batch_size", "output")
+
+LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model: created from its source, converted unless ``surgery`` is None.
+
+    Seeded from ``recipe.seed`` so that every process (and every resume) builds the same one.
+    """
+    from ._sources import create_model
+    from .surgery import convert
+
+    torch.manual_seed(recipe.seed)
+    m = recipe.model
+    if recipe.surgery is None:
+        model = create_model(m.source, dict(m.kwargs), m.pretrained)
+        model._xsurgery_input_size = list(recipe.data.input_size)
+        return model
+    s = recipe.surgery.to_dict()
+    s.pop("version", None)
+    model, _ = convert(m.source, model_kwargs=dict(m.kwargs), pretrained=m.pretrained,
+                       input_size=tuple(recipe.data.input_size), **s)
+    return model
+
+
+def lr_at(base_lr: float, sched: ScheduleSpec, epochs: int, progress: float) -> float:
+    """Learning rate at ``progress`` epochs (fractional) into training."""
+    if sched.warmup_epochs > 0 and progress < sched.warmup_epochs:
+        return base_lr * progress / sched.warmup_epochs
+    if sched.name == "constant":
+        return base_lr
+    if sched.name == "step":
+        drops = sum(1 for m in sched.milestones if int(progress) >= m)
+        return max(sched.min_lr, base_lr * sched.gamma**drops)
+    span = max(epochs - sched.warmup_epochs, 1e-12)
+    t = min(max((progress - sched.warmup_epochs) / span, 0.0), 1.0)
+    return sched.min_lr + (base_lr - sched.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------- distributed
+
+
+class _Dist:
+    """Process group set-up from torchrun's environment (a no-op for one process)."""
+
+    def __init__(self, device: str | None) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want = device or "auto"
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+            self.device = torch.device("cuda", self.local_rank) if want == "cuda" else torch.device(want)
+            torch.cuda.set_device(self.device)
+        elif want == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {want!r}")
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Every world-th index, no padding: distributed evaluation counts each image once."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# --------------------------------------------------------------------- state on disk
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    from .checkpoint import write_atomic
+
+    write_atomic(path, write, force=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, w)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, pystate, gauss_next = random.getstate()
+    tensors["rng.python"] = torch.tensor(pystate, dtype=torch.int64)
+    scalars = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, gauss_next]}
+    return tensors, scalars
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = scalars["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = scalars["python"]
+    random.setstate((version, tuple(int(v) for v in tensors["rng.python"].tolist()), gauss_next))
+
+
+def _optim_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state split into tensors (for safetensors) and JSON scalars."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, entry in sd["state"].items():
+        plain = {}
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain[k] = v
+        scalars["state"][str(pid)] = plain
+    return tensors, scalars
+
+
+def _load_optim_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in scalars["state"].items()}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+class _Run:
+    """Paths and on-disk state of one output folder."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.checkpoint = os.path.join(folder, CHECKPOINT)
+        self.tensors = os.path.join(folder, STATE_TENSORS)
+        self.json = os.path.join(folder, STATE_JSON)
+        self.metrics = os.path.join(folder, METRICS)
+        self.recipe = os.path.join(folder, RECIPE_FILE)
+
+    def has_checkpoint(self) -> bool:
+        return any(os.path.exists(p) for p in (self.checkpoint, self.json))
+
+    def save(self, model: nn.Module, opt, scaler, scalars: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+
+        from .checkpoint import save
+
+        tensors, opt_scalars = _optim_state(opt)
+        rng_tensors, rng_scalars = _rng_state()
+        tensors.update(rng_tensors)
+        _atomic_write(self.tensors, lambda tmp: save_file(tensors, tmp))
+        save(model, self.checkpoint, force=True, extra={"epoch": scalars["epoch"]})
+        # the JSON is written last and names the digests of the other two: a kill between the
+        # writes leaves a mismatch that --resume reports instead of silently mixing epochs
+        record = {
+            "version": STATE_VERSION, **scalars, "optimizer": opt_scalars, "rng": rng_scalars,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "history": history,
+            "sha256": {CHECKPOINT: _sha256(self.checkpoint), STATE_TENSORS: _sha256(self.tensors)},
+        }
+        _write_text(self.json, json.dumps(record, indent=1))
+        _write_text(self.metrics, "".join(json.dumps(h) + "\n" for h in history))
+
+    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        for p in (self.checkpoint, self.tensors, self.json):
+            if not os.path.isfile(p):
+                raise UserError(f"cannot resume: {p} is missing; start again with --force")
+        with open(self.json, encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("version") != STATE_VERSION:
+            raise UserError(f"{self.json} has state version {record.get('version')}; this xsurgery reads {STATE_VERSION}")
+        for name, digest in record["sha256"].items():
+            if _sha256(os.path.join(self.folder, name)) != digest:
+                raise UserError(f"cannot resume: {name} in {self.folder} does not match {STATE_JSON} "
+                                f"(the run was killed while saving); start again with --force")
+        return record, load_file(self.tensors)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _seed_all(seed: int, epoch: int, rank: int) -> None:
+    s = int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()[:4], "little")
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _progress(iterable, total: int, desc: str, show: bool, leave: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not show, dynamic_ncols=True, file=sys.stderr)
+
+
+def _check_resume(recipe: Recipe, run: _Run) -> None:
+    import yaml
+
+    if not os.path.isfile(run.recipe):
+        return
+    with open(run.recipe, encoding="utf-8") as f:
+        saved = yaml.safe_load(f) or {}
+    now = recipe.to_dict()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"cannot resume {run.folder}: the recipe changed in {', '.join(changed)} "
+                        f"(only {', '.join(RESUMABLE_CHANGES)} may change); start again with --force")
+
+
+def _evaluate(model, loader, dist: _Dist, autocast, show: bool, num_classes: int) -> tuple[float, float, float]:
+    model.eval()
+    k = min(5, num_classes)
+    total = correct1 = correct5 = loss_sum = 0.0
+    with torch.no_grad():
+        for x, y in _progress(loader, len(loader), "eval", show, leave=False):
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+            with autocast():
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(y[:, None])
+            correct1 += hit[:, 0].sum().item()
+            correct5 += hit.any(dim=1).sum().item()
+            total += len(y)
+    total, correct1, correct5, loss_sum = dist.all_sum([total, correct1, correct5, loss_sum])
+    total = max(total, 1.0)
+    return correct1 / total, correct5 / total, loss_sum / total
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    amp: bool = False,
+    stop_after_epoch: int | None = None,
+    loss_hook: LossHook | None = None,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Train ``recipe``; returns the metrics of every epoch so far (resumed ones included).
+
+    Args:
+        recipe: the resolved recipe.
+        resume: continue from the output folder's checkpoint.
+        force: start over even if the output folder has a checkpoint.
+        device: ``auto`` (default: CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU).
+        stop_after_epoch: stop once this epoch (1-based) is saved, as if killed there.
+        loss_hook: test hook ``(epoch, step, loss) -> loss`` applied to every training loss.
+        quiet: no progress bars or epoch lines.
+
+    Raises:
+        UserError: bad set-up, existing outputs, or a non-finite loss (the last good
+            checkpoint is kept).
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from .data import build_datasets
+
+    run = _Run(recipe.output_dir)
+    if resume and force:
+        raise UserError("--resume and --force exclude each other")
+    if resume and not run.has_checkpoint():
+        raise UserError(f"nothing to resume: {run.folder} has no {CHECKPOINT}")
+    if not resume and not force and run.has_checkpoint():
+        raise UserError(f"{run.folder} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                        f"or --force to start over")
+    if resume:
+        _check_resume(recipe, run)
+
+    dist = _Dist(device)
+    try:
+        if recipe.batch_size % dist.world:
+            raise UserError(f"batch_size {recipe.batch_size} is not divisible by the {dist.world} processes")
+        show = dist.main and not quiet
+        bars = show and sys.stderr.isatty()
+        train_set, test_set, num_classes = build_datasets(recipe.data, recipe.seed)
+        model = build_model(recipe).to(dist.device)
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
+                              nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
+        use_amp = amp
+        amp_dtype = torch.float16 if dist.device.type == "cuda" else torch.bfloat16
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+        def autocast():
+            return torch.autocast(dist.device.type, dtype=amp_dtype, enabled=use_amp)
+
+        start_epoch, global_step, wall, history = 0, 0, 0.0, []
+        if resume:
+            from .checkpoint import load
+
+            record, tensors = run.load()
+            model.load_state_dict(load(run.checkpoint).state_dict())
+            _load_optim_state(opt, tensors, record["optimizer"])
+            if record.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(record["scaler"])
+            _set_rng_state(tensors, record["rng"])
+            start_epoch, global_step, wall = record["epoch"], record["global_step"], record["wall_time_s"]
+            history = record["history"]
+            if start_epoch >= recipe.epochs:
+                if show:
+                    print(f"{run.folder}: already trained {start_epoch}/{recipe.epochs} epochs", file=sys.stderr)
+                return history
+
+        if dist.main:
+            os.makedirs(run.folder, exist_ok=True)
+            _write_text(run.recipe, recipe_to_yaml(recipe))
+            if not resume and os.path.exists(run.metrics):
+                os.unlink(run.metrics)
+        net: nn.Module = model
+        if dist.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+        per_rank = recipe.batch_size // dist.world
+        sampler = DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                     seed=recipe.seed, drop_last=False)
+        pin = dist.device.type == "cuda"
+        train_loader = DataLoader(train_set, per_rank, sampler=sampler, num_workers=recipe.workers,
+                                  pin_memory=pin, drop_last=False)
+        test_loader = DataLoader(test_set, recipe.eval_batch_size or per_rank,
+                                 sampler=_ShardSampler(len(test_set), dist.rank, dist.world),
+                                 num_workers=recipe.workers, pin_memory=pin)
+        steps = len(train_loader)
+        if steps == 0:
+            raise UserError("the training set is empty")
+        if show:
+            n_params = sum(p.numel() for p in model.parameters())
+            sg = recipe.surgery
+            what = "dense" if sg is None else (
+                f"X ({f'compress {sg.compress:g}' if sg.compress else f'degree {sg.degree}'}, graph {sg.graph}"
+                f"{', plan' if sg.plan else ''})")
+            print(f"xsurgery train {recipe.name}: {recipe.model.source} {what}, {n_params:,} params, "
+                  f"{len(train_set)} train / {len(test_set)} test images, {dist.world} process(es) on "
+                  f"{dist.device.type}, output {run.folder}", file=sys.stderr)
+        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+        epoch_bar = _progress(range(start_epoch, recipe.epochs), recipe.epochs - start_epoch, "epochs", bars, True)
+        for epoch in epoch_bar:
+            _seed_all(recipe.seed, epoch, dist.rank)
+            sampler.set_epoch(epoch)
+            net.train()
+            t0 = time.perf_counter()
+            seen = correct = loss_sum = 0.0
+            lr = recipe.optim.lr
+            step_bar = _progress(train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", bars, False)
+            for step, (x, y) in enumerate(step_bar):
+                lr = lr_at(recipe.optim.lr, recipe.schedule, recipe.epochs, epoch + (step + 1) / steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+                with autocast():
+                    logits = net(x)
+                    loss = criterion(logits.float(), y)
+                if step == 0 and epoch == start_epoch and logits.shape[-1] < num_classes:
+                    raise UserError(f"the model has {logits.shape[-1]} outputs but {recipe.data.name} has "
+                                    f"{num_classes} classes; set model.kwargs.num_classes={num_classes}")
+                if loss_hook is not None:
+                    loss = loss_hook(epoch + 1, step, loss)
+                value = loss.item()
+                bad = dist.all_sum([0.0 if math.isfinite(value) else 1.0])[0] if dist.enabled else float(not math.isfinite(value))
+                if bad:
+                    done = len(history)
+                    kept = (f"the last good checkpoint is {run.checkpoint} (epoch {done})" if done
+                            else "no checkpoint was written yet")
+                    raise UserError(f"loss became {value} at epoch {epoch + 1} step {step + 1}; training stopped and "
+                                    f"{kept}; lower optim.lr (now {lr:g}) or add schedule.warmup_epochs")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                global_step += 1
+                n = len(y)
+                seen += n
+                loss_sum += value * n
+                correct += (logits.detach().argmax(1) == y).sum().item()
+                if bars:
+                    elapsed = time.perf_counter() - t0
+                    step_bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
+                                         img_s=f"{seen * dist.world / max(elapsed, 1e-9):.0f}", lr=f"{lr:.3g}")
+            train_time = time.perf_counter() - t0
+            seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
+            # the bare model: shards may differ in batch count, and DDP's forward is a collective
+            top1, top5, test_loss = _evaluate(model, test_loader, dist, autocast, bars, num_classes)
+            epoch_time = time.perf_counter() - t0
+            wall += epoch_time
+            rec = {
+                "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                "test_top1": top1, "test_top5": top5, "test_loss": test_loss, "lr": lr,
+                "images_per_s": seen / max(train_time, 1e-9), "epoch_time_s": epoch_time, "wall_time_s": wall,
+            }
+            history.append(rec)
+            if dist.main:
+                scalars = {"epoch": epoch + 1, "global_step": global_step, "wall_time_s": wall}
+                run.save(model, opt, scaler, scalars, history)
+                if show:
+                    line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
+                            f"test {100 * top1:.2f}% (top-5 {100 * top5:.2f}%)  lr {lr:.4g}  "
+                            f"{rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
+                    (epoch_bar.write if bars else print)(line, file=sys.stderr)
+            dist.barrier()
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        return history
+    finally:
+        dist.close()
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides or [])
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise UserError(f"put options such as {flags[0]} before the key=value overrides")
+    recipe = load_recipe(args.recipe, overrides, variant=args.variant)
+    if args.dry_run:
+        model = build_model(recipe)
+        n = sum(p.numel() for p in model.parameters())
+        print(recipe_to_yaml(recipe), end="")
+        print(f"# {recipe.name}: {recipe.model.source}, {n:,} parameters, output {recipe.output_dir}")
+        return 0
+    history = train(recipe, resume=args.resume, force=args.force, device=args.device, amp=args.amp,
+                    stop_after_epoch=args.stop_after)
+    if history and int(os.environ.get("RANK", "0")) == 0:
+        last = history[-1]
+        print(f"done: epoch {last['epoch']}, test top-1 {100 * last['test_top1']:.2f}%, "
+              f"checkpoint {os.path.join(recipe.output_dir, CHECKPOINT)}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``xsurgery train``."""
+    p = subparsers.add_parser("train", help="train a recipe from scratch (resumable; run under torchrun for many devices)")
+    p.add_argument("recipe", help="recipe YAML file (recipes/<name>.yaml, or just <name>)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05 epochs=3")
+    p.add_argument("--variant", default=None, help="one of the recipe file's variants (e.g. dense)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    p.add_argument("--force", action="store_true", help="start over even if the output folder has a run")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch is saved (continue later with --resume)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model size; do not train")
+    p.set_defaults(func=_cmd_train)
+    p.__class__ = _intermixed(type(p))
+
+
+def _intermixed(base: type) -> type:
+    """``base`` parser class that also takes ``key=value`` overrides given after options.
+
+    argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``train r.yaml a=1 --resume b=2`` would reject ``b=2``; here it joins the overrides.
+    """
+
+    class _TrainParser(base):
+        def parse_known_args(self, args=None, namespace=None):
+            ns, extras = super().parse_known_args(args, namespace)
+            late = [e for e in extras if "=" in e and not e.startswith("-")]
+            ns.overrides = list(getattr(ns, "overrides", None) or []) + late
+            return ns, [e for e in extras if e not in late]
+
+    return _TrainParser
