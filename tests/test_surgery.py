@@ -189,3 +189,39 @@ def test_decide_does_not_modify():
     decisions, trace = decide(m, SurgerySpec(compress=2))
     assert trace.ok and trace.stems == {"conv1"} and trace.classifiers == {"fc"}
     assert all(isinstance(mod, (nn.Conv2d, nn.Linear)) for n, mod in m.named_modules() if n in {d.name for d in decisions})
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_fallback_when_fx_cannot_trace():
+    model = _Untraceable()
+    out, rep = convert(model, compress=2, input_size=16)
+    assert rep.method == "module-swap" and rep.trace_error
+    rows = _by_name(rep)
+    assert rows["stem"]["reason"].startswith("stem") and rows["head"]["reason"].startswith("classifier")
+    assert isinstance(out.body[0], XConv2d) and isinstance(out.body[2], XConv2d)
+    assert out(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_converted_runs_at_other_input_sizes():
+    model = torchvision.models.resnet18().eval()
+    out, _ = convert(model, compress=2, input_size=64)
+    out.eval()
+    for size in (32, 97, 128):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            assert out(x).shape == model(x).shape

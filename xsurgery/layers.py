@@ -118,12 +118,15 @@ def x_linear(
     blocks: int,
     execution: str = "gather",
     in_features: int | None = None,
+    skip_gather: bool = False,
 ) -> torch.Tensor:
     """Functional X-linear on inputs of any leading shape ``[..., C_in]``."""
     if execution == "gather":
         out_features, degree = weight.shape
         lead = x.shape[:-1]
-        xg = x.index_select(-1, index).reshape(-1, blocks, degree).transpose(0, 1)  # [G, M, D]
+        if not skip_gather:
+            x = x.index_select(-1, index)
+        xg = x.reshape(-1, blocks, degree).transpose(0, 1)  # [G, M, D]
         w = weight.view(blocks, out_features // blocks, degree).transpose(1, 2)  # [G, D, O/G]
         y = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, out_features)
         return y if bias is None else y + bias
@@ -390,7 +393,8 @@ class XLinear(_XBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x_linear(x, self.weight, self.index, self.bias, blocks=self.blocks,
-                        execution=self.resolved_execution(), in_features=self.in_features)
+                        execution=self.resolved_execution(), in_features=self.in_features,
+                        skip_gather=self._identity)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}"
