@@ -166,6 +166,11 @@ def test_identity_index_skips_gather_and_updates_on_load():
     assert r._identity
     x = torch.randn(1, 16, 3, 3)
     torch.testing.assert_close(r(x), g(x), rtol=0, atol=0)
+    lin = XLinear(16, 8, compress=4, graph="grouped", execution="gather")
+    assert lin._identity
+    v = torch.randn(3, 16)
+    ref = v @ lin.to_dense().weight.T + lin.bias
+    torch.testing.assert_close(lin(v), ref)
 
 
 def test_extra_repr():
