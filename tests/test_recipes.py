@@ -2,7 +2,6 @@ import glob
 import os
 
 import pytest
-import torch
 from torch import nn
 
 from xsurgery._errors import UserError
@@ -14,14 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 CASES = [(os.path.basename(f), v) for f in FILES for v in [None, *list_variants(f)]]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # shared 2-core CI machines: one OpenMP thread is many times faster than two fighting others
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _x_layers(model):

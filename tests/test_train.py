@@ -19,15 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "recipes", "digits.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # CI machines are small and shared: two OpenMP threads fighting other processes are many
-    # times slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _small(tmp_path, *extra, name="out"):
     """The digits recipe cut down to a few steps per epoch."""

@@ -9,15 +9,6 @@ from xsurgery.surgery import convert
 from xsurgery.zoo import MODELS, densenet_bc_40, vgg16_cifar
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # shared 2-core CI machines: one OpenMP thread is many times faster than two fighting others
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def densenet_bc_params(depth: int, k: int, classes: int, theta: float = 0.5) -> int:
     """DenseNet-BC parameter count from the architecture's definition (Huang et al. 2017)."""
     n = (depth - 4) // 6

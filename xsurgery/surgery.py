@@ -14,7 +14,6 @@ import copy
 import fnmatch
 import json
 import math
-import operator
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ._errors import UserError
+from ._fx import Trace, fallback_roles, trace_roles
 from .graphs import BipartiteGraph, build_graph, choose_blocks, degree_for, layer_seed, list_graphs
 from .layers import EXECUTIONS, INITS, XConv2d, XLinear
 
@@ -192,114 +192,6 @@ class Decision:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
-# ----------------------------------------------------------------------------- tracing
-
-_LEARNED_FUNCS = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
-                  operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv2d,
-                  torch.nn.functional.scaled_dot_product_attention}
-_LEARNED_METHODS = {"matmul", "bmm", "mm", "__matmul__", "baddbmm"}
-
-
-@dataclass
-class _Trace:
-    ok: bool
-    stems: set[str]
-    classifiers: set[str]
-    error: str | None = None
-    direct: set[str] = field(default_factory=set)  # layers whose weights the graph reads itself
-
-
-def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
-    leaf: tuple[type, ...] = ()
-    autowrap: tuple = ()
-    if type(model).__module__.startswith("timm"):
-        from timm.layers import _fx as timm_fx
-
-        leaf = tuple(timm_fx.get_notrace_modules())
-        autowrap = tuple(timm_fx.get_notrace_functions())
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
-
-    return Tracer(autowrap_functions=autowrap)
-
-
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear, XConv2d, XLinear))
-
-
-def _trace(model: nn.Module) -> _Trace:
-    """Stems and classifiers by data flow in the fx graph."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _tracer_for(model).trace(model)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
-        return _Trace(False, set(), set(), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    modules = dict(model.named_modules())
-
-    def learned(node: torch.fx.Node) -> bool:
-        if node.op == "call_module":
-            m = modules.get(node.target)
-            return m is not None and (_is_layer(m) or any(_is_layer(c) for c in m.modules()))
-        if node.op == "call_function":
-            return node.target in _LEARNED_FUNCS
-        if node.op == "call_method":
-            return node.target in _LEARNED_METHODS
-        return False
-
-    def is_layer_node(node: torch.fx.Node) -> bool:
-        return node.op == "call_module" and _is_layer(modules.get(node.target, nn.Identity()))
-
-    nodes = list(graph.nodes)
-    upstream: dict[torch.fx.Node, bool] = {}
-    from_input: dict[torch.fx.Node, bool] = {}
-    stems: set[str] = set()
-    for node in nodes:
-        ins = node.all_input_nodes
-        upstream[node] = any(upstream[i] or learned(i) for i in ins)
-        from_input[node] = node.op == "placeholder" or any(from_input[i] for i in ins)
-        if is_layer_node(node) and not upstream[node] and from_input[node]:
-            m = modules[node.target]
-            if isinstance(m, (nn.Conv2d, XConv2d)):
-                stems.add(node.target)
-    downstream: dict[torch.fx.Node, bool] = {}
-    reaches_output: dict[torch.fx.Node, bool] = {}
-    classifiers: set[str] = set()
-    for node in reversed(nodes):
-        users = list(node.users)
-        downstream[node] = any(downstream[u] or learned(u) for u in users)
-        reaches = node.op == "output" or any(u.op == "output" or reaches_output.get(u, False) for u in users)
-        reaches_output[node] = reaches
-        if is_layer_node(node) and not downstream[node] and reaches:
-            classifiers.add(node.target)
-    direct = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
-    return _Trace(True, stems, classifiers, direct=direct)
-
-
-def _fallback_roles(model: nn.Module) -> _Trace:
-    """Without a trace: the first conv is the stem; the head is timm's classifier or the last layer."""
-    stems: set[str] = set()
-    classifiers: set[str] = set()
-    layers = [(n, m) for n, m in model.named_modules() if _is_layer(m)]
-    convs = [n for n, m in layers if isinstance(m, (nn.Conv2d, XConv2d))]
-    if convs:
-        stems.add(convs[0])
-    head = None
-    if hasattr(model, "get_classifier"):
-        try:
-            head = model.get_classifier()
-        except Exception:
-            head = None
-    if isinstance(head, nn.Module):
-        ids = {id(m) for m in head.modules()}
-        classifiers |= {n for n, m in layers if id(m) in ids}
-    if not classifiers and layers:
-        classifiers.add(layers[-1][0])
-    return _Trace(False, stems, classifiers)
-
-
 # ---------------------------------------------------------------------------- decisions
 
 # nn.Conv2d / nn.Linear subclasses with the same forward (safe to replace)
@@ -344,11 +236,11 @@ def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
     return None
 
 
-def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], _Trace]:
+def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
     """Decide, for every conv/linear layer, whether and how to convert it (no model change)."""
-    trace = _trace(model)
+    trace = trace_roles(model)
     if not trace.ok:
-        roles = _fallback_roles(model)
+        roles = fallback_roles(model)
         trace.stems, trace.classifiers = roles.stems, roles.classifiers
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
@@ -434,7 +326,7 @@ def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child_name, new)
 
 
-def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[Decision], _Trace]:
+def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[Decision], Trace]:
     """Convert a deep copy of ``model``; returns (copy, decisions, trace info)."""
     decisions, trace = decide(model, spec)
     out = copy.deepcopy(model)

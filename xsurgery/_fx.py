@@ -1,0 +1,125 @@
+"""Roles of layers by data flow in a torch.fx trace: the stem, the classifier, direct weight use.
+
+timm's registered no-trace leaf modules and functions are honoured. When tracing fails,
+:func:`fallback_roles` decides by module order (and timm's ``get_classifier``).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import XConv2d, XLinear
+
+__all__ = ["Trace", "fallback_roles", "trace_roles"]
+
+_LEARNED_FUNCS = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
+                  operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv2d,
+                  torch.nn.functional.scaled_dot_product_attention}
+_LEARNED_METHODS = {"matmul", "bmm", "mm", "__matmul__", "baddbmm"}
+
+
+@dataclass
+class Trace:
+    """What the trace found (``ok`` False: fx failed and ``error`` says why)."""
+
+    ok: bool
+    stems: set[str]
+    classifiers: set[str]
+    error: str | None = None
+    direct: set[str] = field(default_factory=set)  # layers whose weights the graph reads itself
+
+
+def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
+    leaf: tuple[type, ...] = ()
+    autowrap: tuple = ()
+    if type(model).__module__.startswith("timm"):
+        from timm.layers import _fx as timm_fx
+
+        leaf = tuple(timm_fx.get_notrace_modules())
+        autowrap = tuple(timm_fx.get_notrace_functions())
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+
+    return Tracer(autowrap_functions=autowrap)
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Linear, XConv2d, XLinear))
+
+
+def trace_roles(model: nn.Module) -> Trace:
+    """Stems and classifiers by data flow in the fx graph."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _tracer_for(model).trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
+        return Trace(False, set(), set(), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    modules = dict(model.named_modules())
+
+    def learned(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            return m is not None and (_is_layer(m) or any(_is_layer(c) for c in m.modules()))
+        if node.op == "call_function":
+            return node.target in _LEARNED_FUNCS
+        if node.op == "call_method":
+            return node.target in _LEARNED_METHODS
+        return False
+
+    def is_layer_node(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and _is_layer(modules.get(node.target, nn.Identity()))
+
+    nodes = list(graph.nodes)
+    upstream: dict[torch.fx.Node, bool] = {}
+    from_input: dict[torch.fx.Node, bool] = {}
+    stems: set[str] = set()
+    for node in nodes:
+        ins = node.all_input_nodes
+        upstream[node] = any(upstream[i] or learned(i) for i in ins)
+        from_input[node] = node.op == "placeholder" or any(from_input[i] for i in ins)
+        if is_layer_node(node) and not upstream[node] and from_input[node]:
+            m = modules[node.target]
+            if isinstance(m, (nn.Conv2d, XConv2d)):
+                stems.add(node.target)
+    downstream: dict[torch.fx.Node, bool] = {}
+    reaches_output: dict[torch.fx.Node, bool] = {}
+    classifiers: set[str] = set()
+    for node in reversed(nodes):
+        users = list(node.users)
+        downstream[node] = any(downstream[u] or learned(u) for u in users)
+        reaches = node.op == "output" or any(u.op == "output" or reaches_output.get(u, False) for u in users)
+        reaches_output[node] = reaches
+        if is_layer_node(node) and not downstream[node] and reaches:
+            classifiers.add(node.target)
+    direct = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
+    return Trace(True, stems, classifiers, direct=direct)
+
+
+def fallback_roles(model: nn.Module) -> Trace:
+    """Without a trace: the first conv is the stem; the head is timm's classifier or the last layer."""
+    stems: set[str] = set()
+    classifiers: set[str] = set()
+    layers = [(n, m) for n, m in model.named_modules() if _is_layer(m)]
+    convs = [n for n, m in layers if isinstance(m, (nn.Conv2d, XConv2d))]
+    if convs:
+        stems.add(convs[0])
+    head = None
+    if hasattr(model, "get_classifier"):
+        try:
+            head = model.get_classifier()
+        except Exception:
+            head = None
+    if isinstance(head, nn.Module):
+        ids = {id(m) for m in head.modules()}
+        classifiers |= {n for n, m in layers if id(m) in ids}
+    if not classifiers and layers:
+        classifiers.add(layers[-1][0])
+    return Trace(False, stems, classifiers)
