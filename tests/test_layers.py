@@ -213,3 +213,22 @@ def test_from_dense_rejects_grouped_and_bad_init():
         XConv2d.from_dense(nn.Conv2d(16, 16, 3, groups=16), compress=2)
     with pytest.raises(ValueError, match="unknown init"):
         XConv2d.from_dense(nn.Conv2d(16, 16, 3), compress=2, init="zeros")
+
+
+def test_masked_inference_cache_follows_weight_updates():
+    layer = XConv2d(16, 16, 3, padding=1, compress=4, execution="masked", seed=0)
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, layer.to_dense()(x))
+        layer.weight.mul_(2)  # in-place update, as an optimizer step does
+        torch.testing.assert_close(layer(x), 2 * first - layer.bias.view(1, -1, 1, 1))
+    y = layer(x)  # with autograd: no cache, gradients reach the compact weight
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    lin = XLinear(16, 8, compress=2, execution="masked")
+    v = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(v), lin.to_dense()(v))
+        lin.load_state_dict({k: t * 3 if k == "weight" else t for k, t in lin.state_dict().items()})
+        torch.testing.assert_close(lin(v), lin.to_dense()(v))
