@@ -253,9 +253,11 @@ def test_cli_exports_checkpoint(tmp_path, capsys):
 
 def test_auto_keeps_measured_faster_forms(tmp_path, monkeypatch):
     # fake clocks, [gather_ms, dense_ms]: per layer (stat="min", in model order) gather wins for
-    # layer 0 only; the whole-model check (median) of auto vs all-dense as given
+    # layer 0 only; the whole-model check (median): [per-layer mix, all-dense, all-gather]
     model = nn.Sequential(XConv2d(16, 16, 1, compress=2), nn.ReLU(), XConv2d(16, 16, 3, padding=1, compress=2)).eval()
-    for whole_ms, expect in (([1.0, 2.0], {"0": "gather", "2": "dense"}), ([3.0, 2.0], {"0": "dense", "2": "dense"})):
+    cases = (([1.0, 2.0, 3.0], {"0": "gather", "2": "dense"}), ([3.0, 2.0, 4.0], {"0": "dense", "2": "dense"}),
+             ([3.0, 2.0, 1.0], {"0": "gather", "2": "gather"}))
+    for whole_ms, expect in cases:
         per_layer = iter([[1.0, 2.0], [2.0, 1.0]])
         monkeypatch.setattr(xexport, "_time_sessions",
                             lambda s, f, *, stat="median", _it=per_layer, _w=whole_ms, **kw: next(_it) if stat == "min" else _w)

@@ -11,9 +11,9 @@ Per X-layer the file holds one of two forms:
 ``layout="auto"`` times both forms of every X-layer alone in ONNX Runtime on this machine
 (same session options as the final model, the layer's real input shape at the export batch
 size, interleaved runs, the fastest of at least 10) and keeps gather where it is at least 5 %
-faster; then it times the whole model against the all-dense export and
-falls back to dense if the mix is not faster, so ``auto`` is never slower than ``dense`` as
-measured in that run.
+faster; then it times that mix against the all-dense and all-gather exports of the whole model
+and keeps the fastest, so ``auto`` is never slower than either uniform layout as measured in
+that run.
 
 The graph is produced by the TorchScript exporter (``torch.onnx.export(dynamo=False)``): the
 gather execution already is ``index_select`` + ``conv2d(groups=G)``, which it maps to
@@ -54,7 +54,7 @@ MAX_OPSET = 23  # the newest the TorchScript exporter writes (torch 2.14)
 # dense is the form every runtime supports
 GATHER_MARGIN = 0.95
 LAYER_TIMING_S = 0.1  # per X-layer and form, after warm-up (auto)
-MODEL_TIMING_S = 1.0  # auto's whole-model check against all-dense
+MODEL_TIMING_S = 1.0  # auto's whole-model check of the mix against all-dense and all-gather
 BENCHMARK_S = 3.0
 _META = "xsurgery."
 
@@ -517,10 +517,22 @@ def export_onnx(
             _torch_export(_with_layouts(base, dict.fromkeys(choices, "dense"), inner), x, dense_bytes, opset, dynamic, n_out)
             dense_sess = _session(dense_bytes.getvalue(), threads)
         if layout == "auto" and "gather" in choices.values():
-            ms, dense_ms = _time_sessions([_session(tmp, threads), dense_sess], feed, budget_s=MODEL_TIMING_S)
-            if ms > dense_ms:
-                log(f"whole model: per-layer choices {ms:.3f} ms vs all-dense {dense_ms:.3f} ms; keeping all-dense")
-                choices = dict.fromkeys(choices, "dense")
+            # layers timed alone miss cache effects between them: the whole model decides
+            # between the per-layer mix and the two uniform layouts
+            candidates = {"per-layer choices": choices, "all-dense": dict.fromkeys(choices, "dense")}
+            sessions = [_session(tmp, threads), dense_sess]
+            if "dense" in choices.values():
+                gather_bytes = io.BytesIO()
+                all_gather = dict.fromkeys(choices, "gather")
+                _torch_export(_with_layouts(base, all_gather, inner), x, gather_bytes, opset, dynamic, n_out)
+                candidates["all-gather"] = all_gather
+                sessions.append(_session(gather_bytes.getvalue(), threads))
+            times = _time_sessions(sessions, feed, budget_s=MODEL_TIMING_S)
+            best = min(range(len(times)), key=times.__getitem__)
+            log("whole model: " + ", ".join(f"{k} {t:.3f} ms" for k, t in zip(candidates, times))
+                + f"; keeping {list(candidates)[best]}")
+            if best:
+                choices = list(candidates.values())[best]
                 result.layers = choices
                 _torch_export(_with_layouts(base, choices, inner), x, tmp, opset, dynamic, n_out)
 
