@@ -266,3 +266,10 @@ def test_auto_keeps_measured_faster_forms(tmp_path, monkeypatch):
         assert [r["layout"] for r in read_metadata(tmp_path / "a.onnx")["layers"]] == list(expect.values())
         n_gather = sum(n.op_type == "Gather" for n in onnx.load(tmp_path / "a.onnx").graph.node)
         assert n_gather == list(expect.values()).count("gather")
+
+
+def test_bare_x_layer_exports(tmp_path):
+    layer = XConv2d(16, 16, 3, padding=1, compress=2, seed=0).eval()
+    res = export_onnx(layer, tmp_path / "l.onnx", input_size=(16, 8, 8), layout="gather", verbose=False, threads=1)
+    assert res.layers == {"": "gather"} and res.max_rel_err < 1e-4
+    assert {"Gather", "Conv"} <= {n.op_type for n in onnx.load(tmp_path / "l.onnx").graph.node}

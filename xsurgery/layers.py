@@ -35,21 +35,24 @@ __all__ = [
     "x_linear",
 ]
 
-# Above this many blocks a grouped conv splits into too many small GEMMs and the gathered
-# tensor (k * C_in channels) grows; the masked-dense conv is then faster on CPU and GPU.
-# Chosen from tools/bench_layers.py (see README, performance section).
-AUTO_MAX_BLOCKS = 64
+# Gather (a grouped conv over the k*C_in gathered channels) wins on CPU when every block has
+# enough outputs to amortise its share of the gather; below that, the masked-dense conv does.
+# Thresholds from tools/bench_layers.py --sweep (366 layer shapes x block counts, torch eager
+# and training step; README, Performance): they cut the time lost to the wrong choice from
+# 90 to about 20-26 dense-layer units against the earlier "blocks <= 64" rule.
+MIN_OUTPUTS_PER_BLOCK = {"linear": 64, "pointwise": 16, "conv": 8}
 
 
 def auto_execution(
-    blocks: int, out_features: int, degree: int, in_features: int, device: torch.device | None = None
+    blocks: int, out_features: int, degree: int, in_features: int, device: torch.device | None = None,
+    kind: str = "conv",
 ) -> str:
-    """The execution ``auto`` resolves to for a layer of this shape."""
+    """The execution ``auto`` resolves to for a layer of this shape (kind: linear, pointwise, conv)."""
     if blocks == 1 or degree == in_features:
         return "masked"  # full degree is a dense layer; masked runs exactly the dense conv
     if device is not None and device.type != "cpu":
-        return "masked"
-    return "gather" if blocks <= AUTO_MAX_BLOCKS and blocks < out_features else "masked"
+        return "masked"  # GPUs: one dense GEMM beats G small ones
+    return "gather" if out_features // blocks >= MIN_OUTPUTS_PER_BLOCK[kind] else "masked"
 
 
 def dense_weight(weight: torch.Tensor, index: torch.Tensor, in_features: int, blocks: int) -> torch.Tensor:
@@ -197,7 +200,10 @@ class _XBase(nn.Module):
     def resolved_execution(self, device: torch.device | None = None) -> str:
         if self.execution != "auto":
             return self.execution
-        return auto_execution(self.blocks, self.out_features, self.degree, self.in_features, device or self.index.device)
+        kind = "linear" if isinstance(self, XLinear) else (
+            "pointwise" if tuple(self.kernel_size) == (1, 1) else "conv")
+        return auto_execution(self.blocks, self.out_features, self.degree, self.in_features,
+                              device or self.index.device, kind)
 
     def _refresh_identity(self) -> None:
         # gather can be skipped when the index is the identity (k = 1 unshuffled, grouped);
