@@ -577,19 +577,9 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a result file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .checkpoint import write_atomic
+
+    write_atomic(os.fspath(path), write, force=True)
 
 
 def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1) -> None:

@@ -76,6 +76,9 @@ def write_atomic(path: str, write, *, force: bool = False) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
