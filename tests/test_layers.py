@@ -56,13 +56,13 @@ def test_conv_executions_agree(case):
     dense = layer.to_dense()
     torch.testing.assert_close(dense(x), outs["gather"], rtol=1e-5, atol=1e-5)
     for a, b in zip(grads["gather"], grads["masked"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the dense layer's gradient restricted to the kept connections equals the compact one
     gd = torch.autograd.grad((dense(x) * torch.cos(dense(x))).sum(), dense.weight)[0]
     mask = layer.graph.mask()
     assert gd[~mask].abs().sum() > 0  # dense weights elsewhere would learn ...
     kept = dense_weight(grads["gather"][1], layer.index, cin, layer.blocks)
-    torch.testing.assert_close(gd * mask[..., None, None], kept, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gd * mask[..., None, None], kept, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_gradcheck_both_executions():
@@ -139,9 +139,12 @@ def test_keep_init_copies_kept_connections():
 def test_kaiming_fan_in_is_degree():
     torch.manual_seed(0)
     xc = XConv2d(256, 256, 3, compress=8)
-    bound = 1 / (32 * 9) ** 0.5  # kaiming_uniform(a=sqrt 5) bound = 1/sqrt(fan_in)
-    assert xc.weight.abs().max() <= bound + 1e-6
-    assert xc.weight.abs().max() > 0.9 * bound
+    fan_in = 32 * 9  # D * kh * kw
+    assert xc.weight.shape == (256, 32, 3, 3)
+    assert xc.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.03)
+    assert xc.bias.abs().max() <= 1 / fan_in**0.5
+    xl = XLinear(512, 256, compress=4)
+    assert xl.weight.std().item() == pytest.approx((2 / 128) ** 0.5, rel=0.03)
 
 
 def test_state_dict_round_trip_and_seeds():

@@ -297,8 +297,12 @@ class XConv2d(_XBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Conv2d's initialisation with fan_in = D * kh * kw (the compact weight's)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """He (Kaiming normal, ReLU gain) with fan_in = D * kh * kw, the inputs each output reads.
+
+        Variance-preserving like torchvision's and timm's conv init, so activations keep their
+        scale through deep X-networks; the bias as nn.Conv2d's with the same fan_in.
+        """
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
             bound = 1 / math.sqrt(self.degree * self.kernel_size[0] * self.kernel_size[1])
             nn.init.uniform_(self.bias, -bound, bound)
@@ -411,8 +415,8 @@ class XLinear(_XBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation with fan_in = D."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """He (Kaiming normal, ReLU gain) with fan_in = D; the bias as nn.Linear's."""
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
             bound = 1 / math.sqrt(self.degree)
             nn.init.uniform_(self.bias, -bound, bound)
