@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from ._errors import UserError
-from .layers import XConv2d, XLinear
 
 __all__ = [
     "BACKENDS",
@@ -262,37 +261,14 @@ def _export_model(model: nn.Module, x: torch.Tensor, path: Path, layout: str | N
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one inference, counting X-layers at their compact size.
+    """Multiply-accumulates of one inference at ``x``'s shape, X-layers at their compact size.
 
-    Uses torch's FlopCounterMode (so attention matmuls and other ops count too) and corrects
-    X-layers that execute masked-dense, which the counter sees as dense convolutions: the
-    MACs of a sparse model are what its compact weights need, whatever the execution.
+    The report's counter (:func:`xsurgery.analysis.report`): conv/linear/X-layers by shape,
+    and every matmul or attention kernel elsewhere, whatever the execution.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from .analysis import report
 
-    correction = 0
-
-    def hook(mod, inputs, output):
-        nonlocal correction
-        if mod.resolved_execution(output.device) == "masked":
-            per_out = mod.in_features - mod.degree
-            if isinstance(mod, XConv2d):
-                per_out *= mod.kernel_size[0] * mod.kernel_size[1]
-            correction += output.numel() * per_out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (XConv2d, XLinear))]
-    was_training = model.training
-    model.eval()
-    try:
-        # the math attention is plain matmuls, which the counter sees (fused CPU kernels it does not)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return int(counter.get_total_flops() // 2 - correction)
+    return int(report(model, tuple(x.shape[1:]), batch=x.shape[0]).totals["macs_after"])
 
 
 # ----------------------------------------------------------------------------- models
