@@ -283,14 +283,9 @@ def _create(model: str | nn.Module) -> nn.Module:
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    if input_size is not None:
-        return tuple(int(v) for v in input_size)
-    try:
-        from .analysis import default_input_size
-    except ImportError:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        return tuple(cfg.get("input_size", (3, 224, 224)))
-    return tuple(default_input_size(model))
+    from .surgery import normalize_input_size
+
+    return tuple(normalize_input_size(input_size, model))
 
 
 def _convert(model: nn.Module, compress: float, options: dict[str, Any], input_size) -> nn.Module:
