@@ -16,7 +16,7 @@ from torch import nn
 
 from ._errors import UserError
 
-__all__ = ["create_model", "is_checkpoint_path", "source_of"]
+__all__ = ["create_model", "is_checkpoint_path"]
 
 CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
 
@@ -24,11 +24,6 @@ CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
 def is_checkpoint_path(source: str) -> bool:
     """A string names a checkpoint when it ends like one or is an existing file."""
     return source.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(source)
-
-
-def source_of(model: nn.Module) -> dict[str, Any] | None:
-    """The ``{"source", "model_kwargs", "pretrained"}`` record of a model built here."""
-    return getattr(model, "_xsurgery_source", None)
 
 
 def _torchvision_names() -> list[str]:

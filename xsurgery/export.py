@@ -338,9 +338,7 @@ def _choose_layouts(layers, shapes, inner, opset, threads, log) -> tuple[dict[st
 
 
 def _compression(model: nn.Module, layers) -> str:
-    spec = getattr(model, "_xsurgery_spec", None)
-    if spec is None:
-        spec = (getattr(model, "_xsurgery_manifest", None) or {}).get("surgery")
+    spec = getattr(model, "_xsurgery_spec", None)  # xsurgery.load re-applies the surgery, so loaded models carry it too
     if isinstance(spec, dict):
         if spec.get("compress") is not None:
             return f"{float(spec['compress']):g}"
@@ -352,9 +350,7 @@ def _compression(model: nn.Module, layers) -> str:
 
 
 def _source(model: nn.Module) -> str:
-    src = getattr(model, "_xsurgery_source", None)
-    if src is None:
-        src = (getattr(model, "_xsurgery_manifest", None) or {}).get("source")
+    src = getattr(model, "_xsurgery_source", None)  # xsurgery.load re-applies the surgery, so loaded models carry it too
     if isinstance(src, dict) and src.get("source"):
         kw = src.get("model_kwargs") or {}
         return src["source"] + (f" {json.dumps(kw, sort_keys=True)}" if kw else "")

@@ -472,9 +472,3 @@ def _check_forward(original: nn.Module, converted: nn.Module, size: tuple[int, .
         converted.train(was[1])
     if out != ref:
         raise RuntimeError(f"converted model's output shapes {out} differ from the original's {ref}")
-
-
-def spec_of(model: nn.Module) -> SurgerySpec | None:
-    """The surgery spec recorded on a converted model, if any."""
-    d = getattr(model, "_xsurgery_spec", None)
-    return SurgerySpec.from_dict(d) if d is not None else None
