@@ -31,9 +31,11 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1
-DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "fake")
+DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "fashion_mnist", "fake")
 AUGMENTS = ("none", "crop", "crop-flip", "random-resized-crop")
 SCHEDULES = ("step", "cosine", "constant")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_MNIST_VAL = 5000
 
 
 @dataclass(frozen=True)
@@ -51,24 +53,35 @@ class DataSpec:
 
     Attributes:
         name: ``cifar10``, ``cifar100``, ``imagenet`` (an ImageFolder root with ``train/``
-            and ``val/``), ``digits`` (scikit-learn's 8x8 digits) or ``fake`` (FakeData).
-        root: folder holding the files.
+            and ``val/``), ``digits`` (scikit-learn's 8x8 digits), ``fashion_mnist`` (the four
+            IDX ``.gz`` files; Debian: ``apt-get install dataset-fashion-mnist``) or ``fake``
+            (FakeData).
+        root: folder holding the files; default ``data``, for ``fashion_mnist`` the Debian
+            location ``/usr/share/datasets/fashion-mnist``.
         download: let torchvision download CIFAR into ``root`` (the only network use).
         input_size: ``[C, H, W]`` fed to the model.
         augment: ``none``, ``crop`` (random crop, padding H/8), ``crop-flip`` (+ horizontal
             flip) or ``random-resized-crop`` (+ flip; ImageNet).
         num_classes: classes of ``fake`` (others know their own).
         limit_train, limit_test: use only the first N images (smoke runs).
+        val_size: images carved from the training set (a seeded random subset) to validate
+            on every epoch and select ``best.xs`` by; the test set is then evaluated once, at
+            the end. ``None``: the dataset's default (5,000 for ``fashion_mnist``, else 0:
+            every epoch evaluates the test set, as the paper's CIFAR protocol).
+        split_seed: seed of that validation split, independent of the run's seed so every
+            run of an experiment validates on the same images.
     """
 
     name: str = "digits"
-    root: str = "data"
+    root: str | None = None
     download: bool = False
     input_size: tuple[int, ...] = (1, 16, 16)
     augment: str = "none"
     num_classes: int = 10
     limit_train: int | None = None
     limit_test: int | None = None
+    val_size: int | None = None
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -77,6 +90,22 @@ class DataSpec:
             raise UserError(f"data.augment {self.augment!r} is not one of {', '.join(AUGMENTS)}")
         if len(self.input_size) != 3 or min(self.input_size) < 1:
             raise UserError(f"data.input_size must be [C, H, W], got {list(self.input_size)}")
+        if self.val_size is not None and self.val_size < 0:
+            raise UserError(f"data.val_size must be >= 0, got {self.val_size}")
+
+    @property
+    def data_root(self) -> str:
+        """``root``, or the dataset's default folder when it is unset."""
+        if self.root:
+            return self.root
+        return FASHION_MNIST_ROOT if self.name == "fashion_mnist" else "data"
+
+    @property
+    def validation_size(self) -> int:
+        """``val_size``, or the dataset's default when it is unset."""
+        if self.val_size is not None:
+            return self.val_size
+        return FASHION_MNIST_VAL if self.name == "fashion_mnist" else 0
 
 
 @dataclass(frozen=True)

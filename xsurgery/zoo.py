@@ -12,6 +12,11 @@ turns them into X-networks like any other model. Each instance carries
   as in the Deep Expander Networks code (``code/modelDefs/vggcifar.py``).
 * ``digits_cnn``: a four-conv network for the 8x8 scikit-learn digits upscaled to 16x16
   (the smoke-run recipe).
+* ``fmnist_mobilenet`` / ``fmnist_resnet``: CPU-sized 28x28 networks for the Fashion-MNIST
+  experiment (``recipes/fmnist_*.yaml``): depthwise 3x3 + pointwise 1x1 blocks (the paper's
+  MobileNet experiment, where the 1x1 convs are made sparse), and basic residual blocks of
+  3x3 convs. Every width is a multiple of 64 (32 for the first block) so that compressions up
+  to 16 with mixing 2 give exact degrees and block counts.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "DenseNetBC", "VGGCifar", "densenet_bc_40", "digits_cnn", "vgg16_cifar"]
+__all__ = ["MODELS", "DenseNetBC", "FMNISTMobileNet", "FMNISTResNet", "VGGCifar", "densenet_bc_40", "digits_cnn",
+           "fmnist_mobilenet", "fmnist_resnet", "vgg16_cifar"]
 
 
 class _Bottleneck(nn.Module):
@@ -168,6 +174,95 @@ class _DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _he_init(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU(inplace=True)] if relu else layers
+
+
+FMNIST_MOBILENET_CFG = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1))
+
+
+class FMNISTMobileNet(nn.Module):
+    """MobileNet-v1-style network for 28x28 images.
+
+    A 3x3 stride-2 stem (dense; 14x14 from there on, which keeps training on CPU cheap), then
+    blocks of depthwise 3x3 (BN-ReLU) + pointwise 1x1 (BN-ReLU), global average pool and a
+    linear classifier. The depthwise convs are never converted by the surgery; the 1x1 convs
+    hold almost all the parameters and MACs, as in MobileNet.
+
+    Args:
+        num_classes: classifier outputs.
+        width: channels of the stem; the blocks use ``cfg`` scaled by ``width / 32``.
+        in_chans: image channels.
+        cfg: ``(out_channels, stride)`` of each depthwise-separable block (at ``width=32``).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_chans: int = 1,
+                 cfg=FMNIST_MOBILENET_CFG, input_size: int = 28) -> None:
+        super().__init__()
+        scale = width / 32
+        layers = _conv_bn(in_chans, width, 3, stride=2)
+        c = width
+        for out, stride in cfg:
+            out = int(out * scale)
+            layers += _conv_bn(c, c, 3, stride=stride, groups=c)  # depthwise
+            layers += _conv_bn(c, out, 1)  # pointwise
+            c = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(c, num_classes)
+        self.default_input_size = (in_chans, input_size, input_size)
+        _he_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut (1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), *_conv_bn(cout, cout, 3, relu=False))
+        self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, relu=False)) \
+            if stride != 1 or cin != cout else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class FMNISTResNet(nn.Module):
+    """ResNet-style network of 3x3 convs for 28x28 images.
+
+    A 3x3 stride-2 stem (dense) to 14x14, three stages of one basic block each
+    (``width``, ``2 * width``, ``4 * width`` channels; stride 1, 2, 2), global average pool,
+    linear classifier. Zero-init of each block's last BN is *not* used: every variant gets
+    the same plain He initialisation.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_chans: int = 1, input_size: int = 28) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(in_chans, width, 3, stride=2))
+        self.stages = nn.Sequential(_BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2),
+                                    _BasicBlock(2 * width, 4 * width, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(4 * width, num_classes)
+        self.default_input_size = (in_chans, input_size, input_size)
+        _he_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.stages(self.stem(x))))
+
+
 def densenet_bc_40(growth_rate: int = 24, num_classes: int = 10, **kwargs) -> DenseNetBC:
     """DenseNet-BC-40-k (k = ``growth_rate``; the paper uses 24, 36, 48, 60)."""
     return DenseNetBC(depth=40, growth_rate=growth_rate, num_classes=num_classes, **kwargs)
@@ -183,8 +278,20 @@ def digits_cnn(num_classes: int = 10, width: int = 16, in_chans: int = 1, input_
     return _DigitsCNN(num_classes, width, in_chans, input_size)
 
 
+def fmnist_mobilenet(num_classes: int = 10, width: int = 32, in_chans: int = 1, input_size: int = 28) -> nn.Module:
+    """MobileNet-style depthwise-separable network for 28x28 Fashion-MNIST (see :class:`FMNISTMobileNet`)."""
+    return FMNISTMobileNet(num_classes, width, in_chans, input_size=input_size)
+
+
+def fmnist_resnet(num_classes: int = 10, width: int = 32, in_chans: int = 1, input_size: int = 28) -> nn.Module:
+    """ResNet-style network of 3x3 convs for 28x28 Fashion-MNIST (see :class:`FMNISTResNet`)."""
+    return FMNISTResNet(num_classes, width, in_chans, input_size)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc_40": densenet_bc_40,
     "vgg16_cifar": vgg16_cifar,
     "digits_cnn": digits_cnn,
+    "fmnist_mobilenet": fmnist_mobilenet,
+    "fmnist_resnet": fmnist_resnet,
 }
