@@ -9,6 +9,7 @@ Nothing here touches the network unless a recipe sets ``data.download: true`` (C
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, NamedTuple
 
@@ -126,8 +127,8 @@ def _digits(spec: DataSpec):
     if aug:
         from torchvision import transforms as T
 
-        return TensorImages(xtr, ytr, T.Compose(aug)), TensorImages(xte, yte), 10
-    return TensorImages(xtr, ytr), TensorImages(xte, yte), 10
+        return TensorImages(xtr, ytr, T.Compose(aug)), TensorImages(xte, yte), 10, TensorImages(xtr, ytr)
+    return TensorImages(xtr, ytr), TensorImages(xte, yte), 10, None
 
 
 def read_idx(path: str):
@@ -255,6 +256,22 @@ def _imagenet(spec: DataSpec):
     return train, test, len(train.classes)
 
 
+def _plain_train(spec: DataSpec, seed: int):
+    """The training set read as the test set is (no augmentation): what validation images use."""
+    from torchvision import datasets
+
+    if spec.name == "fake":
+        return _fake(dataclasses.replace(spec, augment="none"), seed)[0]
+    if spec.name in CIFAR_FILES:
+        cls = datasets.CIFAR10 if spec.name == "cifar10" else datasets.CIFAR100
+        return cls(spec.data_root, train=True, download=False,
+                   transform=_pil_pipeline(spec, False, *NORMALIZATION[spec.name]))
+    if spec.name == "imagenet":
+        return datasets.ImageFolder(os.path.join(spec.data_root, "train"),
+                                    transform=_pil_pipeline(spec, False, *NORMALIZATION["imagenet"]))
+    return None
+
+
 class Splits(NamedTuple):
     """What :func:`build_splits` returns; ``val`` is None when the recipe has no validation split."""
 
@@ -276,7 +293,7 @@ def build_splits(spec: DataSpec, seed: int = 0) -> Splits:
     """
     plain_train = None  # the training images without augmentation, where it differs
     if spec.name == "digits":
-        train, test, n = _digits(spec)
+        train, test, n, plain_train = _digits(spec)
     elif spec.name == "fake":
         train, test, n = _fake(spec, seed)
     elif spec.name == "fashion_mnist":
@@ -289,7 +306,10 @@ def build_splits(spec: DataSpec, seed: int = 0) -> Splits:
     n_val = spec.validation_size
     if n_val:
         if n_val >= len(train):
-            raise UserError(f"data.val_size {n_val} leaves no training images ({spec.name} has {len(train)})")
+            raise UserError(f"data.val_size {n_val} leaves no training images ({spec.name} has {len(train)}); "
+                            f"lower data.val_size")
+        if plain_train is None and spec.augment != "none":
+            plain_train = _plain_train(spec, seed)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.split_seed)).tolist()
         val = Subset(plain_train if plain_train is not None else train, sorted(perm[:n_val]))
         train = Subset(train, sorted(perm[n_val:]))
