@@ -203,6 +203,20 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _same_forward(m: nn.Module) -> bool:
+    """The module computes what its torch base class does (safe to replace by an X-layer).
+
+    A subclass that only changes ``__init__`` (torchvision's ``Conv3DSimple``) qualifies; one
+    that overrides ``forward`` / ``_conv_forward`` (timm's ``StdConv2d``) does not, unless
+    known to compute the same.
+    """
+    cls = type(m)
+    if cls in _CONVERTIBLE or is_conv1d_linear(m) or _qualname(cls) in _SAME_FORWARD:
+        return True
+    base = next(b for b in _CONVERTIBLE if isinstance(m, b))
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
 def is_layer_candidate(m: nn.Module) -> bool:
     """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
     return isinstance(m, _CONVERTIBLE) or is_conv1d_linear(m)
@@ -325,7 +339,7 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         decisions.append(d)
         rule = _rule_for(name, spec.plan)
         tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
-        if type(m) not in _CONVERTIBLE and not is_conv1d_linear(m) and _qualname(type(m)) not in _SAME_FORWARD:
+        if not _same_forward(m):
             d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
         elif tied:
             d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
