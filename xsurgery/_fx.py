@@ -46,9 +46,10 @@ def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            # transformers' Conv1D is a layer, not code to trace through (its weight would
-            # otherwise look read directly)
-            return isinstance(m, leaf) or is_conv1d_linear(m) or super().is_leaf_module(m, qualname)
+            # conv/linear subclasses (torchvision's Conv3DSimple, transformers' Conv1D) are
+            # layers, not code to trace through: their weight would otherwise look read
+            # directly. Whether a subclass's forward is safe to replace is decided elsewhere.
+            return isinstance(m, leaf) or _is_layer(m) or super().is_leaf_module(m, qualname)
 
     return Tracer(autowrap_functions=autowrap)
 
