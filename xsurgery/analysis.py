@@ -26,12 +26,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .graphs import BipartiteGraph, spectral_gap
-from .layers import XConv2d, XLinear
+from .layers import X_LAYERS, XLinear, is_conv1d_linear
 
 __all__ = ["LayerRow", "Report", "cached_spectral_gap", "default_input_size", "report"]
 
-_X = (XConv2d, XLinear)
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, XConv2d, XLinear)
+_X = X_LAYERS
+_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, *X_LAYERS)
+
+
+def _is_counted(m: nn.Module) -> bool:
+    """Counted from its shapes (transformers' Conv1D is a linear stored ``[in, out]``)."""
+    return isinstance(m, _COUNTED) or is_conv1d_linear(m)
 _DECISION_FIELDS = ("kind", "reason", "in_channels", "out_channels", "kernel", "degree", "blocks", "graph",
                     "spectral_gap", "mixing", "note", "seed")
 
@@ -141,7 +146,7 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
     """The static part of a counted module's row (MACs are added while it runs)."""
     bias = 0 if getattr(m, "bias", None) is None else m.bias.numel()
     if isinstance(m, _X):
-        kernel = list(m.kernel_size) if isinstance(m, XConv2d) else None
+        kernel = None if isinstance(m, XLinear) else list(m.kernel_size)
         area = math.prod(kernel) if kernel else 1
         return LayerRow(
             name=name, kind=("linear" if kernel is None else "pointwise" if area == 1 else "conv"), converted=True,
@@ -150,6 +155,9 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
             params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
         )
     params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
+    if is_conv1d_linear(m):
+        return LayerRow(name=name, kind="linear", in_channels=int(m.weight.shape[0]),
+                        out_channels=int(m.weight.shape[1]), params_before=params, params_after=params)
     if isinstance(m, nn.Linear):
         return LayerRow(name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
                         params_before=params, params_after=params)
@@ -159,11 +167,14 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
 
 def _module_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     """(before, after) MACs of one call of a counted module."""
-    if isinstance(m, XConv2d):
-        area = m.kernel_size[0] * m.kernel_size[1]
-        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
     if isinstance(m, XLinear):
         return out.numel() * m.in_features, out.numel() * m.degree
+    if isinstance(m, _X):
+        area = math.prod(m.kernel_size)
+        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
+    if is_conv1d_linear(m):
+        macs = out.numel() * int(m.weight.shape[0])
+        return macs, macs
     if isinstance(m, nn.Linear):
         macs = out.numel() * m.in_features
         return macs, macs
@@ -266,7 +277,7 @@ class _Tracker:
         self.module_rows: dict[int, LayerRow] = {}
         self.handles: list[Any] = []
         for n, m in model.named_modules():
-            if isinstance(m, _COUNTED) and id(m) not in self.module_rows:
+            if _is_counted(m) and id(m) not in self.module_rows:
                 row = _module_row(n, m)
                 self.module_rows[id(m)] = row
             self.handles.append(m.register_forward_pre_hook(self._pre))
@@ -470,7 +481,11 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
         row = by_name.get(name)
         if row is None:  # a decision about a module the forward never reached
             m = modules.get(name)
-            row = _module_row(name, m) if isinstance(m, _COUNTED) else LayerRow(name=name, kind=d.get("kind") or "?")
+            if _is_counted(m):
+                row = _module_row(name, m)
+            else:  # a weight module with no X-layer form (embedding, RNN, attention): its own params
+                own = sum(q.numel() for q in m.parameters(recurse=False)) if m is not None else 0
+                row = LayerRow(name=name, kind=d.get("kind") or "?", params_before=own, params_after=own)
             rows.append(row)
             by_name[name] = row
         is_x = isinstance(modules.get(name), _X)

@@ -51,6 +51,10 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_ok: bool = False) -
     p.add_argument("--pretrained", action="store_true", help="ask the library for pretrained weights")
     p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
                    help="H, H W or C H W (default: the model's own, 224 for ImageNet models)")
+    if checkpoint_ok:
+        p.add_argument("--model", dest="dense_model", default=None, metavar="PKG.MOD:FACTORY",
+                       help="for a checkpoint of your own model: the factory that builds it dense "
+                            "(with --model-kwargs); the checkpoint's surgery and weights are applied to it")
 
 
 def add_surgery_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +113,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if os.path.exists(args.output):
             raise UserError(f"{args.output} exists; pass --force to overwrite it")
     model, rep = convert(args.model, input_size=args.input_size, model_kwargs=args.model_kwargs,
-                         pretrained=args.pretrained, **surgery_kwargs(args))
+                         pretrained=args.pretrained, allow_none=args.allow_none, **surgery_kwargs(args))
     if args.json:
         _emit_json(rep.to_dict(), args.json)
     if args.json != "-":
@@ -124,8 +128,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ._sources import create_model, is_checkpoint_path
+    from ._sources import create_model
     from .analysis import cached_spectral_gap
+    from .checkpoint import is_checkpoint_path
     from .surgery import SurgerySpec, decide, load_plan
 
     if is_checkpoint_path(args.model):
@@ -166,11 +171,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ._sources import create_model
     from .analysis import report
+    from .checkpoint import resolve_model
     from .surgery import normalize_input_size
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
+    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model)
     rep = report(model, normalize_input_size(args.input_size, model), name=args.model)
     if args.json:
         _emit_json(rep.to_dict(), args.json)
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_surgery_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
     _add_output_args(p)
     p.set_defaults(func=_cmd_convert)
 

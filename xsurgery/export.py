@@ -43,7 +43,7 @@ from torch import nn
 
 from ._errors import UserError
 from ._version import __version__
-from .layers import XConv2d, XLinear
+from .layers import X_LAYERS, XLinear
 
 __all__ = ["DEFAULT_OPSET", "LAYOUTS", "ExportResult", "add_cli", "export_onnx", "read_metadata"]
 
@@ -120,7 +120,7 @@ class _GatherLinear(nn.Module):
 
 
 def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (XConv2d, XLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
 
 
 def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | None = None) -> nn.Module:
@@ -575,9 +575,9 @@ def export_onnx(
 
 
 def _cmd_export(args) -> int:
-    from ._sources import create_model
+    from .checkpoint import resolve_model
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
+    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model)
     res = export_onnx(
         model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,

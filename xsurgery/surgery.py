@@ -26,7 +26,7 @@ from torch import nn
 from ._errors import UserError
 from ._fx import Trace, fallback_roles, trace_roles
 from .graphs import BipartiteGraph, build_graph, choose_blocks, degree_for, layer_seed, list_graphs
-from .layers import EXECUTIONS, INITS, XConv2d, XLinear
+from .layers import EXECUTIONS, INITS, X_CONVS, XLinear, is_conv1d_linear
 
 __all__ = ["KINDS", "LayerRule", "SurgerySpec", "apply_surgery", "convert", "decide", "load_plan"]
 
@@ -194,20 +194,85 @@ class Decision:
 
 # ---------------------------------------------------------------------------- decisions
 
-# nn.Conv2d / nn.Linear subclasses with the same forward (safe to replace)
+# nn.ConvNd / nn.Linear subclasses with the same forward (safe to replace)
 _SAME_FORWARD = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "timm.layers.linear.Linear"}
+_CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _same_forward(m: nn.Module) -> bool:
+    """The module computes what its torch base class does (safe to replace by an X-layer).
+
+    A subclass that only changes ``__init__`` (torchvision's ``Conv3DSimple``) qualifies; one
+    that overrides ``forward`` / ``_conv_forward`` (timm's ``StdConv2d``) does not, unless
+    known to compute the same.
+    """
+    cls = type(m)
+    if cls in _CONVERTIBLE or is_conv1d_linear(m) or _qualname(cls) in _SAME_FORWARD:
+        return True
+    base = next(b for b in _CONVERTIBLE if isinstance(m, b))
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
+def is_layer_candidate(m: nn.Module) -> bool:
+    """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
+    return isinstance(m, _CONVERTIBLE) or is_conv1d_linear(m)
+
+
 def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or is_conv1d_linear(m):
         return "linear"
     if m.groups > 1:
         return "depthwise" if m.groups == m.in_channels else "grouped"
-    return "pointwise" if tuple(m.kernel_size) == (1, 1) else "conv"
+    return "pointwise" if all(k == 1 for k in m.kernel_size) else "conv"
+
+
+def _shape(m: nn.Module) -> tuple[int, int, list[int] | None]:
+    """(C_in, C_out, kernel or None) of a candidate layer."""
+    if is_conv1d_linear(m):
+        cin, cout = m.weight.shape  # stored [in, out]
+        return int(cin), int(cout), None
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features, None
+    return m.in_channels, m.out_channels, list(m.kernel_size)
+
+
+def _weight_params(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A module's own matrix/kernel parameters (``weight``, ``in_proj_weight``, ``weight_ih_l0``)."""
+    return [(n, p) for n, p in m._parameters.items()
+            if p is not None and p.dim() >= 2 and (n == "weight" or n.endswith("_weight") or n.startswith("weight_"))]
+
+
+def _other_reason(m: nn.Module) -> tuple[str, str]:
+    """(kind, reason) of a weight-carrying module the surgery has no X-layer for."""
+    name = type(m).__name__
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose", f"transposed conv ({name}) has no X-layer form"
+    if isinstance(m, nn.RNNBase):
+        return "recurrent", f"recurrent layer ({name}) has no X-layer form"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding", f"embedding ({name}) is a lookup, not a matmul"
+    if isinstance(m, nn.MultiheadAttention):
+        return "mha", "nn.MultiheadAttention reads in_proj_weight directly (F.multi_head_attention_forward)"
+    return "other", f"{name} has no X-layer form"
+
+
+def _shared_tensors(model: nn.Module) -> dict[str, list[str]]:
+    """``"module.param"`` -> the other modules holding the same tensor (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mname)
+    shared: dict[str, list[str]] = {}
+    for mname, m in model.named_modules():
+        for pname, p in m._parameters.items():
+            if p is not None and len(set(owners[id(p)])) > 1:
+                shared[f"{mname}.{pname}"] = [o for o in owners[id(p)] if o != mname]
+    return shared
 
 
 def _direct_weight_users(model: nn.Module) -> set[str]:
@@ -237,12 +302,18 @@ def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
 
 
 def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
-    """Decide, for every conv/linear layer, whether and how to convert it (no model change)."""
+    """Decide, for every weight-carrying module, whether and how to convert it (no model change).
+
+    Conv1d/2d/3d, Linear and transformers' ``Conv1D`` are candidates; every other module
+    with a weight matrix or kernel (ConvTranspose, RNNs, Embedding, MultiheadAttention, ...)
+    gets a decision ``converted=False`` with its reason. A layer whose weight or bias tensor
+    is shared with another module (tied embeddings) is never converted.
+    """
     trace = trace_roles(model)
     if not trace.ok:
         roles = fallback_roles(model)
         trace.stems, trace.classifiers = roles.stems, roles.classifiers
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, m in model.named_modules() if is_layer_candidate(m)]
     for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
         for p in pats:
             if not any(_match_any(n, [p]) for n in names):
@@ -251,18 +322,27 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         if not any(rule.matches(n) for n in names):
             raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
     direct = _direct_weight_users(model)
+    shared = _shared_tensors(model)
     decisions = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        if not is_layer_candidate(m):
+            weights = _weight_params(m)
+            if weights:
+                kind, reason = _other_reason(m)
+                w = weights[0][1]
+                decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
+                                          list(w.shape[2:]) or None))
             continue
         kind = _kind(m)
-        cin, cout = (m.in_features, m.out_features) if kind == "linear" else (m.in_channels, m.out_channels)
-        kernel = None if kind == "linear" else list(m.kernel_size)
+        cin, cout, kernel = _shape(m)
         d = Decision(name, kind, False, None, cin, cout, kernel)
         decisions.append(d)
         rule = _rule_for(name, spec.plan)
-        if type(m) not in (nn.Conv2d, nn.Linear) and _qualname(type(m)) not in _SAME_FORWARD:
+        tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
+        if not _same_forward(m):
             d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
+        elif tied:
+            d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif kind in ("depthwise", "grouped"):
             d.reason = f"{kind} conv (groups={m.groups}) is never converted"
         elif name in direct:
@@ -335,12 +415,32 @@ def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[
         if not d.converted:
             continue
         dense = modules[d.name]
-        cls = XLinear if d.kind == "linear" else XConv2d
+        cls = XLinear if d.kind == "linear" else next(x for c, x in X_CONVS.items() if isinstance(dense, c))
         layer = cls.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
         layer.train(dense.training)
         _swap(out, dense, layer)
+    _disable_fused_encoder(out)
     out._xsurgery_spec = spec.to_dict()
     return out, decisions, trace
+
+
+def _disable_fused_encoder(model: nn.Module) -> None:
+    """Send converted ``nn.TransformerEncoderLayer``s down their regular (module-calling) path.
+
+    In eval, torch's fused fast path (``torch._transformer_encoder_layer_fwd``) reads
+    ``linear1.weight`` / ``linear2.weight`` / ``self_attn.out_proj.weight`` as dense matrices
+    instead of calling the modules, which an X-layer's compact weight is not. The layer takes
+    the fast path only when ``activation_relu_or_gelu`` is set (torch stashes the activation
+    there for that check alone), and the encoder builds nested tensors only when
+    ``use_nested_tensor``; clearing both gives the same math through the modules.
+    """
+    xs = tuple(X_CONVS.values()) + (XLinear,)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(isinstance(c, xs) for c in m.modules()):
+            m.activation_relu_or_gelu = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(c, xs) for c in m.modules()):
+            m.use_nested_tensor = False
 
 
 def _outputs_shapes(obj: Any) -> Any:
@@ -392,6 +492,7 @@ def convert(
     model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     check: bool = True,
+    allow_none: bool = False,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
 
@@ -416,15 +517,16 @@ def convert(
         model_kwargs: factory kwargs when ``model`` is a name.
         pretrained: ask for the library's weights when ``model`` is a name.
         check: run original and converted once and compare output shapes.
+        allow_none: accept a surgery that converts no layer (otherwise a :class:`UserError`).
 
     Returns:
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
-    from ._sources import create_model, is_checkpoint_path
+    from ._sources import create_model
     from .analysis import report as make_report
 
     if isinstance(model, str):
-        if is_checkpoint_path(model):
+        if model.endswith((".xs", ".safetensors")):
             raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
         name = model
         model = create_model(model, model_kwargs, pretrained)
@@ -444,6 +546,8 @@ def convert(
     )
     size = normalize_input_size(input_size, model)
     converted, decisions, trace = apply_surgery(model, spec)
+    if not allow_none and not any(d.converted for d in decisions):
+        raise UserError(_none_converted(decisions))
     converted._xsurgery_input_size = list(size)
     if check:
         _check_forward(model, converted, size)
@@ -451,6 +555,17 @@ def convert(
     rep.method = "fx" if trace.ok else "module-swap"
     rep.trace_error = trace.error
     return converted, rep
+
+
+def _none_converted(decisions: Sequence[Decision]) -> str:
+    from collections import Counter
+
+    if not decisions:
+        return "the model has no conv/linear layer to convert; pass --allow-none (allow_none=True) to accept it unchanged"
+    reasons = Counter((d.reason or "").split(" (")[0] for d in decisions)
+    top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+    return (f"0 of {len(decisions)} layers converted ({top}); use --include/--plan to choose layers, "
+            f"or pass --allow-none (allow_none=True) to accept it unchanged")
 
 
 @torch.no_grad()
