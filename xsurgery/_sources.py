@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 from typing import Any
 
@@ -54,15 +55,24 @@ def _pretrained_error(name: str, exc: BaseException) -> UserError:
     )
 
 
+def _rejected(name: str, kwargs: dict[str, Any], exc: BaseException) -> UserError:
+    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return UserError(f"model {name!r} rejected --model-kwargs {json.dumps(kwargs)[:160]} "
+                     f"({type(exc).__name__}: {detail}); check the factory's arguments")
+
+
 def _call(factory, name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return factory(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
+    except Exception as exc:  # a factory may reject bad values in any way (TypeError, ValueError, assert)
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
+        raise
 
 
 def create_model(
-    source: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False
+    source: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False, *,
+    trust_source: bool = False, allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Build a model from a name, an import path or a checkpoint.
 
@@ -73,6 +83,8 @@ def create_model(
         model_kwargs: keyword arguments for the factory (e.g. ``{"num_classes": 10}``).
         pretrained: ask the library for its weights; fails with a :class:`UserError` when
             they cannot be had.
+        trust_source: for a checkpoint whose manifest names an import path: run it.
+        allow_nonfinite: for a checkpoint: accept NaN/inf weights.
 
     Raises:
         UserError: unknown name, bad kwargs, unloadable checkpoint, weights unavailable.
@@ -85,7 +97,7 @@ def create_model(
             raise UserError("a checkpoint carries its own model; drop --model-kwargs/--pretrained")
         from .checkpoint import load
 
-        return load(source)
+        return load(source, trust_source=trust_source, allow_nonfinite=allow_nonfinite)
 
     model: nn.Module
     if ":" in source:
@@ -110,11 +122,11 @@ def create_model(
 
         try:
             model = torchvision.models.get_model(source, weights="DEFAULT" if pretrained else None, **kwargs)
-        except TypeError as exc:
-            raise UserError(f"model {source!r} rejected --model-kwargs {kwargs}: {exc}") from exc
         except Exception as exc:  # downloads fail in many ways (URLError, OSError, RuntimeError)
             if pretrained:
                 raise _pretrained_error(source, exc) from exc
+            if kwargs:
+                raise _rejected(source, kwargs, exc) from exc
             raise
     elif _timm_is_model(source):
         model = _create_timm(source, kwargs, pretrained)
@@ -137,9 +149,9 @@ def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Modu
         raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"timm model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
     except Exception as exc:
         if pretrained:
             raise _pretrained_error(name, exc) from exc
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
         raise

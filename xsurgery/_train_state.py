@@ -27,18 +27,8 @@ METRICS = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    from .checkpoint import write_atomic
-
-    write_atomic(path, write, force=True)
-
-
 def write_text(path: str, text: str) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, w)
+    _io.write_text(path, text, force=True)
 
 
 def sha256(path: str) -> str:

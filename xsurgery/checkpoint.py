@@ -4,19 +4,25 @@ The manifest records how to rebuild the model (source, kwargs, surgery spec) and
 X-layer's graph (degree, blocks, construction, seed, index hash); :func:`load` rebuilds
 the source model, re-applies the surgery, loads the weights (index buffers included) and
 checks every graph hash against the manifest.
+
+A checkpoint is data: its manifest is bounded and schema-checked, its model source must be
+a registered library name (an import path needs the caller's consent), every tensor is
+checked against the manifest's sha256 digest and for NaN/inf, all before anything is built
+(see :mod:`xsurgery._manifest`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _manifest
 from ._errors import UserError
+from ._io import write_atomic, write_safetensors
 from ._version import __version__
 from .layers import XConv2d, XLinear
 
@@ -65,27 +71,6 @@ def manifest_of(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: str, write, *, force: bool = False) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; refuse to overwrite without ``force``."""
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"folder {folder} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` to ``path`` (safetensors weights + manifest); returns the manifest.
 
@@ -95,45 +80,47 @@ def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, A
         force: overwrite an existing file.
         extra: JSON-able fields added to the manifest under ``"extra"``.
     """
-    from safetensors.torch import save_file
-
     manifest = manifest_of(model)
     if extra:
         manifest["extra"] = extra
     # clones: tied weights share storage, which safetensors refuses
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    manifest["weights"] = _manifest.weights_digest(tensors)
     meta = {_META_KEY: json.dumps(manifest, sort_keys=True)}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), force=force)
+    write_safetensors(path, tensors, metadata=meta, force=force)
     return manifest
 
 
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of a checkpoint, validated; :class:`UserError` for anything unreadable."""
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
-    if _META_KEY not in meta:
-        raise UserError(f"{path} has no xsurgery manifest; it was not written by xsurgery.save")
-    try:
-        manifest = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: its manifest is not valid JSON ({exc.msg})") from exc
+    manifest, _table = _manifest.read_bounded(path, _META_KEY)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: unsupported checkpoint format {manifest.get('format')} v{manifest.get('format_version')}")
+        raise UserError(f"{path}: unsupported checkpoint format {str(manifest.get('format'))[:40]} "
+                        f"v{str(manifest.get('format_version'))[:10]}")
+    _manifest.validate(manifest, path)
     return manifest
 
 
-def load(path: str, *, map_location: str = "cpu") -> nn.Module:
+def load(path: str, *, map_location: str = "cpu", trust_source: bool = False,
+         allow_nonfinite: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (no pickle).
 
+    Nothing the file names is imported or called unless it is a registered library model
+    (torchvision, timm, the zoo, ``hf/...``) taking the recorded JSON kwargs.
+
+    Args:
+        path: the checkpoint.
+        map_location: device of the loaded tensors.
+        trust_source: let a manifest whose source is an import path ``pkg.mod:factory``
+            import and call it (only for files you trust as you would a script).
+        allow_nonfinite: accept NaN/inf weights.
+
     Raises:
-        UserError: unreadable file, or weights/index that do not match the manifest.
+        UserError: unreadable, truncated or altered file (a tensor not matching its digest
+            is named), an untrusted source, non-finite weights, or index buffers that do not
+            match the manifest.
     """
     from safetensors.torch import load_file
 
@@ -142,10 +129,20 @@ def load(path: str, *, map_location: str = "cpu") -> nn.Module:
 
     manifest = read_manifest(path)
     src = manifest["source"]
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
+    _manifest.verify_weights(manifest, tensors, path, allow_nonfinite=allow_nonfinite)
+    _manifest.check_source(src, path, trust_source=trust_source)
     model = create_model(src["source"], src.get("model_kwargs") or {}, pretrained=False)
     if manifest.get("surgery") is not None:
-        model, _, _ = apply_surgery(model, SurgerySpec.from_dict(manifest["surgery"]))
-    tensors = load_file(path, device=map_location)
+        try:
+            spec = SurgerySpec.from_dict(manifest["surgery"])
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
+        model, _, _ = apply_surgery(model, spec)
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -51,6 +51,21 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_ok: bool = False) -
     p.add_argument("--pretrained", action="store_true", help="ask the library for pretrained weights")
     p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
                    help="H, H W or C H W (default: the model's own, 224 for ImageNet models)")
+    if checkpoint_ok:
+        add_trust_args(p)
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """--trust-source and --allow-nonfinite, for commands that read checkpoints."""
+    p.add_argument("--trust-source", action="store_true",
+                   help="let a checkpoint whose model source is an import path pkg.mod:factory run it")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf weights")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The checkpoint-loading options of a parsed command line."""
+    return {"trust_source": bool(getattr(args, "trust_source", False)),
+            "allow_nonfinite": bool(getattr(args, "allow_nonfinite", False))}
 
 
 def add_surgery_args(p: argparse.ArgumentParser) -> None:
@@ -85,33 +100,36 @@ def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _emit_json(data: Any, target: str) -> None:
+def _emit_json(data: Any, target: str, force: bool = False) -> None:
     text = json.dumps(data, indent=2, sort_keys=False)
     if target == "-":
         print(text)
         return
-    from .checkpoint import write_atomic
+    from ._io import write_text
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    write_text(target, text + "\n", force=force)
 
-    write_atomic(target, write, force=True)
+
+def _check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
+    """Every output is checked before any work: no overwrite without --force."""
+    from ._io import check_output
+
+    for path in paths:
+        if path and path != "-":
+            check_output(path, force=args.force)
+    if len({p for p in paths if p and p != "-"}) < len([p for p in paths if p and p != "-"]):
+        raise UserError("-o and --json name the same file; give them different names")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save
     from .surgery import convert
 
-    if args.output and not args.force:
-        import os
-
-        if os.path.exists(args.output):
-            raise UserError(f"{args.output} exists; pass --force to overwrite it")
+    _check_outputs(args, args.output, args.json)
     model, rep = convert(args.model, input_size=args.input_size, model_kwargs=args.model_kwargs,
                          pretrained=args.pretrained, **surgery_kwargs(args))
     if args.json:
-        _emit_json(rep.to_dict(), args.json)
+        _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
         rep.render(max_rows=args.max_rows)
         if getattr(rep, "method", "fx") != "fx":
@@ -130,6 +148,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     if is_checkpoint_path(args.model):
         raise UserError("plan takes a model name, not a checkpoint")
+    _check_outputs(args, args.json)
     model = create_model(args.model, args.model_kwargs, args.pretrained)
     kw = surgery_kwargs(args)
     kw["plan"] = load_plan(kw["plan"])
@@ -142,7 +161,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         row["spectral_gap"] = cached_spectral_gap(d._graph) if d._graph is not None else None
         rows.append(row)
     if args.json:
-        _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json)
+        _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json,
+                   args.force)
         if args.json == "-":
             return 0
     from rich.console import Console
@@ -170,18 +190,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis import report
     from .surgery import normalize_input_size
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
+    _check_outputs(args, args.json)
+    model = create_model(args.model, args.model_kwargs, args.pretrained, **load_options(args))
     rep = report(model, normalize_input_size(args.input_size, model), name=args.model)
     if args.json:
-        _emit_json(rep.to_dict(), args.json)
+        _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
         rep.render(max_rows=args.max_rows)
     return 0
 
 
-def _add_output_args(p: argparse.ArgumentParser) -> None:
+def _add_output_args(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write JSON (to stdout, or to FILE)")
+    if force:
+        p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--max-rows", type=int, default=None, metavar="N", help="collapse the table to N rows")
 
 
@@ -195,14 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_surgery_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
-    _add_output_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite OUT and the --json FILE")
+    _add_output_args(p, force=False)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("plan", help="print what convert would do, without converting")
     add_model_args(p)
     add_surgery_args(p)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="overwrite the --json FILE")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("report", help="params/MACs/FLOPs report of any model or checkpoint")
@@ -227,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ._io import signals_raise
+
     try:
-        return int(args.func(args) or 0)
+        with signals_raise():
+            return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:
             raise

@@ -577,7 +577,9 @@ def export_onnx(
 def _cmd_export(args) -> int:
     from ._sources import create_model
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
+    from .cli import load_options
+
+    model = create_model(args.model, args.model_kwargs, args.pretrained, **load_options(args))
     res = export_onnx(
         model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
