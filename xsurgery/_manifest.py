@@ -164,7 +164,7 @@ def validate(manifest: dict[str, Any], path: str) -> None:
     _need(isinstance(layers, list), path, "manifest layers must be a list")
     for d in layers:
         _need(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("index_hash"), str),
-              path, "every manifest layer needs a name and an index_hash")
+              path, "every entry of manifest layers needs a name and an index_hash")
     digest = manifest.get("weights")
     _need(digest is None or (isinstance(digest, dict) and isinstance(digest.get("tensors"), dict)), path,
           "manifest weights must be an object with a tensors table")
