@@ -22,7 +22,7 @@ from typing import Any
 
 from ._errors import UserError
 
-__all__ = ["check_output", "os_error", "signals_raise", "write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = ["check_output", "link_atomic", "os_error", "signals_raise", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 TMP_PREFIX = ".tmp-"
 
@@ -124,6 +124,30 @@ def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None 
     from safetensors.torch import save
 
     write_bytes(path, save(tensors, metadata=metadata), force=force)
+
+
+def link_atomic(src: str, path: str) -> None:
+    """Make ``path`` the same file as ``src`` (a hard link, a copy where links are not
+    supported), replacing ``path`` atomically."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)[:64]}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 class _Signal(SystemExit):

@@ -633,7 +633,6 @@ def export_onnx(
 
 def _cmd_export(args) -> int:
     from ._sources import create_model
-
     from .cli import load_options
 
     model = create_model(args.model, args.model_kwargs, args.pretrained, **load_options(args))
