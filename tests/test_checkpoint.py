@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import xsurgery
 from xsurgery._errors import UserError
+from xsurgery._manifest import weights_digest
 from xsurgery.checkpoint import read_manifest
 
 
@@ -59,22 +60,25 @@ def test_tampered_checkpoints_fail_clearly(converted, tmp_path):
     xsurgery.save(converted, path)
     tensors = load_file(path)
     meta = read_manifest(path)
-    # an index that does not match the recorded graph hash
+    # an index that does not match the recorded graph hash (digest recomputed, so that the
+    # graph check is what catches it)
     key = next(k for k in tensors if k.endswith(".index"))
     bad = dict(tensors)
     bad[key] = bad[key].flip(0).contiguous()
+    meta = {**meta, "weights": weights_digest(bad)}
     save_file(bad, str(tmp_path / "idx.xs"), metadata={"xsurgery": json.dumps(meta)})
     with pytest.raises(UserError, match="do not match the manifest"):
         xsurgery.load(str(tmp_path / "idx.xs"))
     # weights of another shape
     bad = dict(tensors)
     bad["fc.weight"] = torch.zeros(3, 3)
+    meta = {**meta, "weights": weights_digest(bad)}
     save_file(bad, str(tmp_path / "w.xs"), metadata={"xsurgery": json.dumps(meta)})
     with pytest.raises(UserError, match="weights do not match"):
         xsurgery.load(str(tmp_path / "w.xs"))
     # not a safetensors file / no manifest / missing file
     (tmp_path / "junk.xs").write_bytes(b"\x00garbage")
-    with pytest.raises(UserError, match="not a readable safetensors"):
+    with pytest.raises(UserError, match="not an xsurgery checkpoint"):
         xsurgery.load(str(tmp_path / "junk.xs"))
     save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(UserError, match="no xsurgery manifest"):

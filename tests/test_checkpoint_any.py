@@ -107,6 +107,8 @@ def test_graph_hash_checked_with_model(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from xsurgery._manifest import weights_digest
+
     converted, _ = xsurgery.convert(_mlp(), compress=2)
     path = str(tmp_path / "m.xs")
     xsurgery.save(converted, path)
@@ -114,6 +116,7 @@ def test_graph_hash_checked_with_model(tmp_path):
     assert {d["name"] for d in m["layers"]} == {n for n, x in converted.named_modules() if isinstance(x, X_LAYERS)}
     tensors = load_file(path)
     tensors["2.index"] = tensors["2.index"].flip(0)  # another graph, same shapes
+    m["weights"] = weights_digest(tensors)  # a consistent digest: only the graph check can catch it
     bad = str(tmp_path / "bad.xs")
     save_file(tensors, bad, metadata={"xsurgery": json.dumps(m)})
     with pytest.raises(UserError, match="graphs of 2 do not match"):

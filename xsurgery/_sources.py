@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import os
 from typing import Any
 
@@ -62,11 +63,19 @@ def _pretrained_error(name: str, exc: BaseException) -> UserError:
     )
 
 
+def _rejected(name: str, kwargs: dict[str, Any], exc: BaseException) -> UserError:
+    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return UserError(f"model {name!r} rejected --model-kwargs {json.dumps(kwargs)[:160]} "
+                     f"({type(exc).__name__}: {detail}); check the factory's arguments")
+
+
 def _call(factory, name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return factory(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
+    except Exception as exc:  # a factory may reject bad values in any way (TypeError, ValueError, assert)
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
+        raise
 
 
 def create_model(
@@ -120,6 +129,8 @@ def create_model(
         except Exception as exc:  # downloads fail in many ways (URLError, OSError, RuntimeError)
             if pretrained:
                 raise _pretrained_error(source, exc) from exc
+            if kwargs:
+                raise _rejected(source, kwargs, exc) from exc
             raise
     elif _timm_is_model(source):
         model = _create_timm(source, kwargs, pretrained)
@@ -157,9 +168,9 @@ def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Modu
         raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"timm model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
     except Exception as exc:
         if pretrained:
             raise _pretrained_error(name, exc) from exc
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
         raise

@@ -274,12 +274,12 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- models
 
 
-def _create(model: str | nn.Module) -> nn.Module:
+def _create(model: str | nn.Module, **load_options: bool) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from ._sources import create_model
+    from .checkpoint import resolve_model
 
-    return create_model(model)
+    return resolve_model(model, **load_options)
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -322,6 +322,7 @@ def bench(
     min_sample_ms: float = 5.0,
     ort_layout: str = "auto",
     show_progress: bool = False,
+    load_options: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Time the variants of one model as ratios to the dense model.
 
@@ -340,6 +341,7 @@ def bench(
             ``fixed`` (gather / dense per variant, no per-layer timing at export); see
             :func:`_ort_layout`. The ``default`` variant always uses export's defaults.
         show_progress: a progress bar on stderr.
+        load_options: ``trust_source`` / ``allow_nonfinite`` when ``model`` is a checkpoint.
 
     Returns:
         ``{"model", "compress", "batch", "threads", "input_size", "versions", "machine",
@@ -370,7 +372,7 @@ def bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     try:
-        dense = _create(model).eval()
+        dense = _create(model, **(load_options or {})).eval()
         size = _input_size(dense, input_size)
         x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
         models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
@@ -547,20 +549,20 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
     plt.close(fig)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    from .checkpoint import write_atomic
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = True) -> None:
+    from ._io import write_atomic
 
-    write_atomic(os.fspath(path), write, force=True)
+    write_atomic(os.fspath(path), write, force=force)
 
 
-def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1) -> None:
+def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1, force: bool = True) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=indent, separators=None if indent else (",", ":"))
             f.write("\n")
 
-    _atomic_write(path, write)
+    _atomic_write(path, write, force)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -568,6 +570,8 @@ def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1) -> No
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery bench``."""
+    from ._args import add_trust_args
+
     p = subparsers.add_parser("bench", help="time a model's X variants against dense and grouped (ratios)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="torchvision/timm name, import path or checkpoint")
@@ -585,15 +589,17 @@ def add_cli(subparsers) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency ratio vs compression (matplotlib)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--force", action="store_true", help="overwrite --json/--plot files")
+    add_trust_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from ._args import load_options
+    from ._io import check_output
+
     for out in (args.json_out, args.plot):
-        if out and os.path.exists(out) and not args.force:
-            raise UserError(f"{out} exists; pass --force to overwrite it")
-        if out and not Path(out).parent.exists():
-            raise UserError(f"directory {Path(out).parent} does not exist")
+        if out:
+            check_output(out, force=args.force)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -603,12 +609,12 @@ def _cli(args: argparse.Namespace) -> int:
     result = bench(args.model, compress, batch=args.batch, threads=args.threads, backends=args.backends,
                    variants=args.variants, repeat=args.repeat, input_size=args.input_size, warmup=args.warmup,
                    ort_layout=args.ort_layout,
-                   show_progress=sys.stderr.isatty())
+                   show_progress=sys.stderr.isatty(), load_options=load_options(args))
     print_table(result)
     if args.markdown:
         print(markdown_table(result))
     if args.json_out:
-        write_json(result, args.json_out)
+        write_json(result, args.json_out, force=args.force)
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -8,19 +8,25 @@ library name, re-applies the surgery, loads the weights (index buffers included)
 every graph hash against the manifest. Nothing read from the file chooses what is imported.
 
 :func:`resolve_model` is the one place that decides "checkpoint path or model name".
+
+A checkpoint is data: its manifest is bounded and schema-checked, its model source must be
+a registered library name (an import path needs the caller's consent), every tensor is
+checked against the manifest's sha256 digest and for NaN/inf, all before anything is built
+(see :mod:`xsurgery._manifest`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _manifest
 from ._errors import UserError
+from ._io import write_atomic, write_safetensors
 from ._version import __version__
 from .layers import X_LAYERS
 
@@ -81,27 +87,6 @@ def manifest_of(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: str, write, *, force: bool = False) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; refuse to overwrite without ``force``."""
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"folder {folder} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` to ``path`` (safetensors weights + manifest); returns the manifest.
 
@@ -112,56 +97,54 @@ def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, A
         force: overwrite an existing file.
         extra: JSON-able fields added to the manifest under ``"extra"``.
     """
-    from safetensors.torch import save_file
-
     manifest = manifest_of(model)
     if extra:
         manifest["extra"] = extra
     # clones: tied weights share storage, which safetensors refuses
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict(keep_vars=False).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    manifest["weights"] = _manifest.weights_digest(tensors)
     meta = {_META_KEY: json.dumps(manifest, sort_keys=True)}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), force=force)
+    write_safetensors(path, tensors, metadata=meta, force=force)
     return manifest
 
 
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of a checkpoint, validated; :class:`UserError` for anything unreadable."""
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
-    if _META_KEY not in meta:
-        raise UserError(f"{path} has no xsurgery manifest; it was not written by xsurgery.save")
-    try:
-        manifest = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: its manifest is not valid JSON ({exc.msg})") from exc
+    manifest, _table = _manifest.read_bounded(path, _META_KEY)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: unsupported checkpoint format {manifest.get('format')} v{manifest.get('format_version')}")
+        raise UserError(f"{path}: unsupported checkpoint format {str(manifest.get('format'))[:40]} "
+                        f"v{str(manifest.get('format_version'))[:10]}")
+    _manifest.validate(manifest, path)
     return manifest
 
 
-def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu") -> nn.Module:
+def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu", trust_source: bool = False,
+         allow_nonfinite: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (no pickle).
+
+    Nothing the file names is imported or called unless it is a registered library model
+    (torchvision, timm, the zoo, ``hf/...``) taking the recorded JSON kwargs.
 
     Args:
         path: an xsurgery checkpoint.
         model: a freshly built *dense* model of the recorded architecture (needed when the
             checkpoint was converted from an object or an import path); the recorded surgery
             is applied to a copy of it. Without it, the model is rebuilt from the recorded
-            source, which must be a library name (torchvision, timm, zoo).
+            source, which must be a library name (torchvision, timm, zoo, ``hf/...``).
         map_location: device of the loaded tensors.
+        trust_source: let a manifest whose source is an import path ``pkg.mod:factory``
+            import and call it (only for files you trust as you would a script).
+        allow_nonfinite: accept NaN/inf weights.
 
     Returns:
         The converted model with the checkpoint's weights (``model`` itself is not modified).
 
     Raises:
-        UserError: unreadable file, no way to rebuild the model, or weights/graphs that do not
+        UserError: unreadable, truncated or altered file (a tensor not matching its digest
+            is named), an untrusted source, no way to rebuild the model, non-finite weights,
+            or weights/graphs that do not
             match the manifest.
     """
     from safetensors.torch import load_file
@@ -169,19 +152,29 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     from .surgery import SurgerySpec, apply_surgery
 
     manifest = read_manifest(path)
-    dense = model if model is not None else _rebuild(path, manifest)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
+    _manifest.verify_weights(manifest, tensors, path, allow_nonfinite=allow_nonfinite)
+    dense = model if model is not None else _rebuild(path, manifest, trust_source=trust_source)
     if not isinstance(dense, nn.Module):
         raise UserError(f"model= must be an nn.Module (the dense model), got {type(dense).__name__}")
     if any(isinstance(m, X_LAYERS) for m in dense.modules()):
         raise UserError("model= must be the dense model as built, before xsurgery.convert; the checkpoint's surgery is applied to it")
     built = dense
     if manifest.get("surgery") is not None:
-        built, _, _ = apply_surgery(dense, SurgerySpec.from_dict(manifest["surgery"]))
+        try:
+            spec = SurgerySpec.from_dict(manifest["surgery"])
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
+        built, _, _ = apply_surgery(dense, spec)
     elif model is not None:
         import copy
 
         built = copy.deepcopy(dense)
-    tensors = load_file(path, device=map_location)
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
     try:
         built.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -200,20 +193,18 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     return built
 
 
-def _rebuild(path: str, manifest: dict[str, Any]) -> nn.Module:
-    """The dense model from the recorded source, only when it is a library name."""
-    from ._sources import create_model, is_library_name
+def _rebuild(path: str, manifest: dict[str, Any], *, trust_source: bool = False) -> nn.Module:
+    """The dense model from the recorded source: a registered library name, or an import
+    path only with ``trust_source`` (checked before anything is imported)."""
+    from ._sources import create_model
 
-    src = manifest.get("source") or {}
-    name = src.get("source") if isinstance(src, dict) else None
-    if not is_library_name(name):
-        what = f"an object of class {src.get('class')}" if name == "object" else f"{name!r}"
-        raise UserError(f"{path} was converted from {what}; pass the dense model: xsurgery.load(path, model=...) "
-                        f"or --model pkg.mod:factory")
-    kwargs = src.get("model_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise UserError(f"{path}: its manifest's model_kwargs is not a mapping")
-    return create_model(name, kwargs, pretrained=False)
+    src = manifest["source"]
+    name = src["source"]
+    if name == "object":
+        raise UserError(f"{path} was converted from an object of class {str(src.get('class'))[:80]}; pass the dense "
+                        f"model: xsurgery.load(path, model=...) or --model pkg.mod:factory")
+    _manifest.check_source(src, path, trust_source=trust_source)
+    return create_model(name, src.get("model_kwargs") or {}, pretrained=False)
 
 
 def resolve_model(
@@ -222,6 +213,8 @@ def resolve_model(
     pretrained: bool = False,
     *,
     model: str | None = None,
+    trust_source: bool = False,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """The one place that decides "checkpoint path or model name" (the CLI's MODEL argument).
 
@@ -231,6 +224,8 @@ def resolve_model(
         pretrained: library weights when ``source`` is a name.
         model: for a checkpoint, an import path ``pkg.mod:factory`` (the user's own code,
             chosen on the command line) that builds the dense model to load into.
+        trust_source: for a checkpoint, see :func:`load`.
+        allow_nonfinite: for a checkpoint, see :func:`load`.
     """
     from ._sources import create_model
 
@@ -238,7 +233,8 @@ def resolve_model(
         if pretrained or (model_kwargs and not model):
             raise UserError("a checkpoint carries its own model; drop --model-kwargs/--pretrained "
                             "(or give the dense model's factory with --model pkg.mod:factory)")
-        return load(source, model=create_model(model, model_kwargs) if model else None)
+        return load(source, model=create_model(model, model_kwargs) if model else None,
+                    trust_source=trust_source, allow_nonfinite=allow_nonfinite)
     if model:
         raise UserError("--model only applies to a checkpoint; give the model itself as MODEL")
     return create_model(source, model_kwargs, pretrained)

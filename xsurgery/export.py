@@ -79,6 +79,7 @@ class ExportResult:
     max_rel_err: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
+    verified_on: str = "the model"
 
     @property
     def latency_ratio(self) -> float | None:
@@ -405,15 +406,46 @@ def _errors(ref: list[torch.Tensor], got: list) -> tuple[float, float, float]:
     if len(ref) != len(got):
         raise UserError(f"the ONNX model has {len(got)} outputs, torch {len(ref)}")
     abs_err, scale = 0.0, 0.0
-    for r, g in zip(ref, got):
+    for i, (r, g) in enumerate(zip(ref, got)):
         r64 = r.detach().double()
         g64 = torch.from_numpy(g).double()
+        # max() would drop a NaN silently (max(0.0, nan) is 0.0): refuse it outright
+        for who, t in (("torch", r64), ("ONNX Runtime", g64)):
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"{who}'s output {i} holds NaN/inf on the verification input, so nothing can be "
+                                f"verified; check the weights (or pass --no-verify to export unverified)")
         if g64.shape != r64.shape:
             raise UserError(f"ONNX output shape {tuple(g64.shape)} differs from torch's {tuple(r64.shape)}")
         abs_err = max(abs_err, (g64 - r64).abs().max().item() if r64.numel() else 0.0)
         scale = max(scale, r64.abs().max().item() if r64.numel() else 0.0)
     rel = abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else math.inf)
     return abs_err, scale, rel
+
+
+def _constant(outputs: list[torch.Tensor], first: list[torch.Tensor]) -> bool:
+    """True when every output is the same for every input row (of the verification batch
+    and of the first example): such a comparison checks nothing about the layers."""
+    for o, f in zip(outputs, first):
+        if o.dim() == 0 or o.shape[0] == 0 or f.dim() == 0 or f.shape[0] == 0:
+            return False
+        row = f[:1].detach()
+        if o.shape[1:] != row.shape[1:] or not torch.equal(o.detach(), row.expand_as(o)):
+            return False
+    return True
+
+
+def _perturbed(model: nn.Module, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """A copy whose all-zero floating parameters (a zero-initialised head, as torchvision's
+    ViT) hold small random values, so its outputs depend on the input."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    filled = []
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.is_floating_point() and p.numel() and not bool(p.any()):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+                filled.append(name)
+    return out, filled
 
 
 def export_onnx(
@@ -431,6 +463,7 @@ def export_onnx(
     force: bool = False,
     threads: int | None = None,
     verbose: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ExportResult:
     """Export ``model`` (X-layers or none) to ONNX, check it, verify it in ORT, write ``path``.
 
@@ -448,10 +481,16 @@ def export_onnx(
         force: overwrite an existing ``path``.
         threads: ORT intra-op threads for timing and verification (default: ORT's).
         verbose: print per-layer choices, errors and latencies.
+        allow_nonfinite: export NaN/inf weights instead of refusing them (verification
+            still fails on non-finite outputs; pass ``verify=False`` too).
+
+    Verification fails on NaN/inf in either output. When the outputs are the same for every
+    input (a zero-initialised head), it says so and verifies a copy whose all-zero
+    parameters are filled randomly, exported with the same layouts.
 
     Raises:
-        UserError: bad arguments, an op without an ONNX form (named with its layer), or a
-            verification above tolerance (no file is left behind).
+        UserError: bad arguments, non-finite weights, an op without an ONNX form (named
+            with its layer), or a verification above tolerance (no file is left behind).
     """
     try:
         import onnx
@@ -476,6 +515,10 @@ def export_onnx(
         raise UserError(f"output folder {folder} does not exist")
 
     base = copy.deepcopy(model).cpu().eval()
+    if not allow_nonfinite:
+        from ._manifest import check_finite
+
+        check_finite({**dict(base.named_parameters()), **dict(base.named_buffers())}, "export")
     layers = _x_layers(base)
     shape = (int(static_batch or 1), *_input_size(model, input_size))
     dynamic = static_batch is None
@@ -550,7 +593,21 @@ def export_onnx(
         sess = _session(tmp, threads)
         if verify:
             vb = xv.shape[0]
-            abs_err, scale, rel = _errors(_flat_outputs(ref), sess.run(None, {"input": xv.numpy()}))
+            flat_ref, got = _flat_outputs(ref), sess.run(None, {"input": xv.numpy()})
+            if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
+                vmodel, filled = _perturbed(base)
+                with torch.no_grad():
+                    flat_ref = _flat_outputs(vmodel(xv))
+                if not filled or _constant(flat_ref, _flat_outputs(vmodel(x))):
+                    raise UserError("the model's outputs are the same for every input, so verification compares "
+                                    "nothing; check the weights (or pass --no-verify to export unverified)")
+                log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
+                    f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
+                vbytes = io.BytesIO()
+                _torch_export(_with_layouts(vmodel, choices, inner), x, vbytes, opset, dynamic, n_out)
+                got = _session(vbytes.getvalue(), threads).run(None, {"input": xv.numpy()})
+                result.verified_on = "perturbed copy: " + ", ".join(filled)
+            abs_err, scale, rel = _errors(flat_ref, got)
             result.max_abs_err, result.max_rel_err = abs_err, rel
             log(f"verification (batch {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
                 f"(relative to max|output| = {scale:.3g})")
@@ -575,13 +632,15 @@ def export_onnx(
 
 
 def _cmd_export(args) -> int:
+    from ._args import load_options
     from .checkpoint import resolve_model
 
-    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model)
+    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
         model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
         benchmark=args.benchmark, force=args.force, threads=args.threads, verbose=not args.json,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
         print(json.dumps({**asdict(res), "latency_ratio": res.latency_ratio}, indent=1))
@@ -590,7 +649,7 @@ def _cmd_export(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery export MODEL -o OUT.onnx``."""
-    from .cli import add_model_args
+    from ._args import add_model_args
 
     p = subparsers.add_parser("export", help="export to ONNX (Gather + grouped Conv), verified in ONNX Runtime")
     add_model_args(p, checkpoint_ok=True)
