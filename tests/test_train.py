@@ -151,7 +151,8 @@ def test_torchrun_two_process_gloo(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("epoch 1/1") == 1  # only rank 0 logs
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".xs") == ["last.xs"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".xs") == ["best.xs", "last.xs"]
+    assert json.loads((out / "result.json").read_text())["best_epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     state = json.loads((out / "train_state.json").read_text())
     # 64 images, 2 ranks x 8 per step: 4 steps each

@@ -38,6 +38,8 @@ from ._errors import UserError
 
 STATE_VERSION = 2
 CHECKPOINT = "last.xs"
+BEST = "best.xs"  # the best-scored epoch's model (an artifact of save())
+RESULT = "result.json"  # written once training is over (best epoch, test accuracy)
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 METRICS = "metrics.jsonl"
@@ -46,7 +48,7 @@ PRIVATE = ".xsurgery"
 LOCK = "lock"
 _STAGE = re.compile(r"epoch-\d{4,}")
 # top-level names a run writes; anything else in the folder is not the run's
-RUN_FILES = {CHECKPOINT, STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, "best.xs"}
+RUN_FILES = {CHECKPOINT, STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, BEST, RESULT}
 
 
 def write_text(path: str, text: str) -> None:
@@ -223,7 +225,7 @@ class Run:
 
     def clear(self) -> None:
         """--force: remove what a run writes (files this run did not write stay)."""
-        for name in (CHECKPOINT, STATE_JSON, METRICS, "best.xs"):
+        for name in (CHECKPOINT, STATE_JSON, METRICS, BEST, RESULT):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.folder, name))
         if os.path.isdir(self.private):
@@ -280,7 +282,7 @@ class Run:
         _io.write_safetensors(os.path.join(stage, STATE_TENSORS), tensors, force=True)
         save(model, os.path.join(stage, CHECKPOINT), force=True, extra={"epoch": scalars["epoch"]})
         for name, write in (artifacts or {}).items():
-            if name not in RUN_FILES or name in (STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, CHECKPOINT):
+            if name not in RUN_FILES or name in (STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, CHECKPOINT, RESULT):
                 raise ValueError(f"artifact {name!r} is not one of the run's file names {sorted(RUN_FILES)}")
             _io.write_atomic(os.path.join(stage, name), write, force=True)
         if previous is not None:  # carry over artifacts this epoch did not rewrite

@@ -6,6 +6,10 @@ Outputs, in the recipe's output folder (rank 0 writes, every file atomically):
 
 * ``recipe.yaml``: the resolved recipe;
 * ``last.xs``: the model after the last finished epoch (:func:`xsurgery.checkpoint.save`);
+* ``best.xs``: the model of the epoch with the best validation top-1 (with no validation
+  split, ``data.val_size: 0``, the best test top-1, as the paper's CIFAR protocol);
+* ``result.json``: written once training is over: the best epoch, its validation accuracy and
+  the test accuracy of ``best.xs``, measured once, at the end;
 * ``train_state.json``: the commit point of the last finished epoch (scalars, metrics so far,
   the digests of the epoch's files kept in ``.xsurgery/epoch-N/``: the model and
   ``train_state.safetensors`` with optimizer tensors and RNG states); no pickle;
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -37,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._distributed import Dist, ShardSampler
 from ._errors import UserError
 from ._recipe import Recipe, ScheduleSpec, load_recipe, recipe_to_yaml
-from ._train_state import CHECKPOINT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
+from ._train_state import BEST, CHECKPOINT, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
-__all__ = ["add_cli", "build_model", "lr_at", "train"]
+__all__ = ["add_cli", "build_model", "final_line", "lr_at", "train"]
 
 # fields that may change between a run and its --resume
 RESUMABLE_CHANGES = ("epochs", "workers", "eval_batch_size", "output")
@@ -85,65 +91,6 @@ def lr_at(base_lr: float, sched: ScheduleSpec, epochs: int, progress: float) -> 
     span = max(epochs - sched.warmup_epochs, 1e-12)
     t = min(max((progress - sched.warmup_epochs) / span, 0.0), 1.0)
     return sched.min_lr + (base_lr - sched.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# ----------------------------------------------------------------------- distributed
-
-
-class _Dist:
-    """Process group set-up from torchrun's environment (a no-op for one process)."""
-
-    def __init__(self, device: str | None) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = device or "auto"
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-            self.device = torch.device("cuda", self.local_rank) if want == "cuda" else torch.device(want)
-            torch.cuda.set_device(self.device)
-        elif want == "cpu":
-            self.device = torch.device("cpu")
-        else:
-            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {want!r}")
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.enabled:
-            torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-class _ShardSampler(torch.utils.data.Sampler):
-    """Every world-th index, no padding: distributed evaluation counts each image once."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 # --------------------------------------------------------------------------- training
@@ -199,7 +146,7 @@ def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, 
                         f"set model.kwargs.num_classes={num_classes}")
 
 
-def _evaluate(model, loader, dist: _Dist, autocast, show: bool, num_classes: int) -> tuple[float, float, float]:
+def _evaluate(model, loader, dist: Dist, autocast, show: bool, num_classes: int) -> tuple[float, float, float]:
     model.eval()
     k = min(5, num_classes)
     total = correct1 = correct5 = loss_sum = 0.0
@@ -218,6 +165,70 @@ def _evaluate(model, loader, dist: _Dist, autocast, show: bool, num_classes: int
     total, correct1, correct5, loss_sum = dist.all_sum([total, correct1, correct5, loss_sum])
     total = max(total, 1.0)
     return correct1 / total, correct5 / total, loss_sum / total
+
+
+def _eval_loader(dataset, recipe: Recipe, dist: Dist, per_rank: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, recipe.eval_batch_size or per_rank, sampler=ShardSampler(len(dataset), dist.rank, dist.world),
+                      num_workers=recipe.workers, pin_memory=dist.device.type == "cuda")
+
+
+def _best(history: list[dict[str, Any]], score_name: str) -> dict[str, Any] | None:
+    """The epoch record with the best ``<score_name>_top1`` (the first of equals)."""
+    key = f"{score_name}_top1"
+    scored = [h for h in history if key in h]
+    return max(scored, key=lambda h: h[key]) if scored else None
+
+
+def _checkpoint_writer(model: nn.Module, epoch: int, score_name: str, top1: float) -> Callable[[str], None]:
+    from .checkpoint import save
+
+    def write(path: str) -> None:
+        save(model, path, force=True, extra={"epoch": epoch, f"{score_name}_top1": top1})
+
+    return write
+
+
+def _finish(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_name: str, test_set, dist: Dist,
+             autocast, bars: bool, num_classes: int) -> dict[str, Any]:
+    """After the last epoch: the test set, read once, scores ``best.xs``; ``result.json``.
+
+    Without a validation split the epochs were scored on the test set already: the best of
+    them is the result (selected on test, as the paper's CIFAR protocol; said in the file).
+    """
+    best = _best(history, score_name)
+    if best is None:
+        raise UserError(f"{run.folder} has no scored epoch; start again with --force")
+    result: dict[str, Any] = {"epochs": len(history), "best_epoch": best["epoch"], "selected_on": score_name,
+                              "last_epoch_" + score_name + "_top1": history[-1][f"{score_name}_top1"]}
+    if score_name == "val":
+        from .checkpoint import load
+
+        # every rank reads the file rank 0 wrote (the epoch loop ends on a barrier)
+        scorer = load(os.path.join(run.folder, BEST)).to(dist.device)
+        per_rank = recipe.batch_size // dist.world
+        top1, top5, loss = _evaluate(scorer, _eval_loader(test_set, recipe, dist, per_rank), dist, autocast, bars,
+                                     num_classes)
+        result.update(best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
+                      test_top1=top1, test_top5=top5, test_loss=loss, test_images=len(test_set))
+    else:
+        result.update(test_top1=best["test_top1"], test_top5=best["test_top5"], test_loss=best["test_loss"],
+                      test_images=len(test_set))
+    if dist.main:
+        write_text(os.path.join(run.folder, RESULT), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def final_line(result: dict[str, Any], folder: str) -> str:
+    """The run's last line for people: best validation and test accuracy, and where the models are."""
+    where = f"{os.path.join(folder, BEST)} (epoch {result['best_epoch']}) and {os.path.join(folder, CHECKPOINT)}"
+    if result.get("selected_on") == "val":
+        return (f"done: best val top-1 {100 * result['best_val_top1']:.2f}% at epoch {result['best_epoch']}/"
+                f"{result['epochs']}, test top-1 {100 * result['test_top1']:.2f}% (best.xs, {result['test_images']} "
+                f"images, read once); models {where}")
+    return (f"done: best test top-1 {100 * result['test_top1']:.2f}% at epoch {result['best_epoch']}/{result['epochs']} "
+            f"(no validation split: selected on the test set; set data.val_size to hold one out); models {where}")
 
 
 def train(
@@ -249,7 +260,7 @@ def train(
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from .data import build_datasets
+    from .data import build_splits
 
     run = Run(recipe.output_dir)
     if resume and force:
@@ -261,7 +272,7 @@ def train(
     if resume:
         _check_resume(recipe, run)
 
-    dist = _Dist(device)
+    dist = Dist(device)
     held = contextlib.ExitStack()
     try:
         if dist.main:
@@ -272,7 +283,9 @@ def train(
             raise UserError(f"batch_size {recipe.batch_size} is not divisible by the {dist.world} processes")
         show = dist.main and not quiet
         bars = show and sys.stderr.isatty()
-        train_set, test_set, num_classes = build_datasets(recipe.data, recipe.seed)
+        train_set, val_set, test_set, num_classes = build_splits(recipe.data, recipe.seed)
+        # the set each epoch is scored on (and best.xs chosen by): validation, else test
+        score_name, score_set = ("val", val_set) if val_set is not None else ("test", test_set)
         model = build_model(recipe).to(dist.device)
         _check_outputs(model, test_set if len(test_set) else train_set, num_classes, recipe, dist.device)
         opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
@@ -299,10 +312,14 @@ def train(
             if start_epoch >= recipe.epochs:
                 if show:
                     print(f"{run.folder}: already trained {start_epoch}/{recipe.epochs} epochs", file=sys.stderr)
+                if not os.path.isfile(os.path.join(run.folder, RESULT)):
+                    _finish(recipe, run, history, score_name, test_set, dist, autocast, bars, num_classes)
                 return history
 
         if dist.main:
             os.makedirs(run.folder, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a finished run given more epochs: no longer final
+                os.unlink(os.path.join(run.folder, RESULT))
             write_text(run.recipe, recipe_to_yaml(recipe))
             if not resume and os.path.exists(run.metrics):
                 os.unlink(run.metrics)
@@ -317,9 +334,7 @@ def train(
         pin = dist.device.type == "cuda"
         train_loader = DataLoader(train_set, per_rank, sampler=sampler, num_workers=recipe.workers,
                                   pin_memory=pin, drop_last=False)
-        test_loader = DataLoader(test_set, recipe.eval_batch_size or per_rank,
-                                 sampler=_ShardSampler(len(test_set), dist.rank, dist.world),
-                                 num_workers=recipe.workers, pin_memory=pin)
+        score_loader = _eval_loader(score_set, recipe, dist, per_rank)
         steps = len(train_loader)
         if steps == 0:
             raise UserError("the training set is empty")
@@ -330,7 +345,8 @@ def train(
                 f"X ({f'compress {sg.compress:g}' if sg.compress else f'degree {sg.degree}'}, graph {sg.graph}"
                 f"{', plan' if sg.plan else ''})")
             print(f"xsurgery train {recipe.name}: {recipe.model.source} {what}, {n_params:,} params, "
-                  f"{len(train_set)} train / {len(test_set)} test images, {dist.world} process(es) on "
+                  f"{len(train_set)} train / {f'{len(val_set)} validation / ' if val_set is not None else ''}"
+                  f"{len(test_set)} test images, {dist.world} process(es) on "
                   f"{dist.device.type}, output {run.folder}", file=sys.stderr)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
@@ -380,26 +396,32 @@ def train(
             train_time = time.perf_counter() - t0
             seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
             # the bare model: shards may differ in batch count, and DDP's forward is a collective
-            top1, top5, test_loss = _evaluate(model, test_loader, dist, autocast, bars, num_classes)
+            top1, top5, score_loss = _evaluate(model, score_loader, dist, autocast, bars, num_classes)
             epoch_time = time.perf_counter() - t0
             wall += epoch_time
             rec = {
                 "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                "test_top1": top1, "test_top5": top5, "test_loss": test_loss, "lr": lr,
+                f"{score_name}_top1": top1, f"{score_name}_top5": top5, f"{score_name}_loss": score_loss, "lr": lr,
                 "images_per_s": seen / max(train_time, 1e-9), "epoch_time_s": epoch_time, "wall_time_s": wall,
             }
+            best = _best(history, score_name)
             history.append(rec)
             if dist.main:
                 scalars = {"epoch": epoch + 1, "global_step": global_step, "wall_time_s": wall}
-                run.save(model, opt, scaler, scalars, history)
+                artifacts = {}
+                if best is None or top1 > best[f"{score_name}_top1"]:  # ties keep the earlier epoch
+                    artifacts[BEST] = _checkpoint_writer(model, epoch + 1, score_name, top1)
+                run.save(model, opt, scaler, scalars, history, artifacts=artifacts)
                 if show:
                     line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
-                            f"test {100 * top1:.2f}% (top-5 {100 * top5:.2f}%)  lr {lr:.4g}  "
-                            f"{rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
+                            f"{score_name} {100 * top1:.2f}% (top-5 {100 * top5:.2f}%){'  *best' if artifacts else ''}  "
+                            f"lr {lr:.4g}  {rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
                     (epoch_bar.write if bars else print)(line, file=sys.stderr)
             dist.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
+        if len(history) >= recipe.epochs:
+            _finish(recipe, run, history, score_name, test_set, dist, autocast, bars, num_classes)
         return history
     finally:
         held.close()
@@ -424,9 +446,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     history = train(recipe, resume=args.resume, force=args.force, device=args.device, amp=args.amp,
                     stop_after_epoch=args.stop_after)
     if history and int(os.environ.get("RANK", "0")) == 0:
-        last = history[-1]
-        print(f"done: epoch {last['epoch']}, test top-1 {100 * last['test_top1']:.2f}%, "
-              f"checkpoint {os.path.join(recipe.output_dir, CHECKPOINT)}")
+        result_path = os.path.join(recipe.output_dir, RESULT)
+        if os.path.isfile(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                print(final_line(json.load(f), recipe.output_dir))
+        else:  # stopped early (--stop-after)
+            print(f"stopped after epoch {history[-1]['epoch']}/{recipe.epochs}; continue with --resume "
+                  f"(checkpoint {os.path.join(recipe.output_dir, CHECKPOINT)})")
     return 0
 
 
