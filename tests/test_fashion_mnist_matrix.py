@@ -76,7 +76,8 @@ def test_page_tables_and_plot(tool, tmp_path):
         acc = float(rng.uniform(0.8, 0.9))
         accs.setdefault(run.config, []).append(100 * acc)
         (folder / tool.RESULT).write_text(json.dumps({"test_top1": acc, "best_val_top1": acc + 0.01}))
-        (folder / "metrics.jsonl").write_text("".join(json.dumps({"images_per_s": s}) + "\n" for s in (100, 300, 200)))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"images_per_s": s, "train_acc": 0.5}) + "\n"
+                                                      for s in (100, 300, 200)))
     configs = tool.collect(runs, str(out))
     meas = {k: {"params": 1000 * (i + 1), "macs": 5000, "ort_ms": 1.0, "ort_ratio": 1.0, "layout": "-",
                 "train_img_s": 500.0, "train_ratio": 1.0}
@@ -86,6 +87,7 @@ def test_page_tables_and_plot(tool, tmp_path):
     g = accs["mobilenet-grouped-c8"]
     row = next(line for line in text.splitlines() if line.startswith("| grouped (no shuffle) | 8 |"))
     assert f"{np.mean(g):.2f} ± {np.std(g, ddof=1):.2f}" in row and "| 200 (1.00) |" in row
+    assert "| 50.00 ± 0.00 |" in row  # last epoch train accuracy
     x2, dense = statistics.mean(accs["mobilenet-x2-c8"]), statistics.mean(accs["mobilenet-dense"])
     diff_row = next(line for line in text.splitlines() if line.startswith("| 8 | "))
     assert f"{x2 - np.mean(g):+.2f}" in diff_row and f"{dense - x2:+.2f}" in diff_row

@@ -176,7 +176,7 @@ def collect(runs: list[Run], out: str) -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {}
     for run in runs:
         c = configs.setdefault(run.config, {"net": run.net, "variant": run.variant, "compress": run.compress,
-                                            "test": [], "val": [], "img_s": [], "seeds": []})
+                                            "test": [], "val": [], "train": [], "img_s": [], "seeds": []})
         folder = os.path.join(out, run.name)
         result = _read_json(os.path.join(folder, RESULT))
         if not result:
@@ -184,7 +184,10 @@ def collect(runs: list[Run], out: str) -> dict[str, dict[str, Any]]:
         c["seeds"].append(run.seed)
         c["test"].append(100 * result["test_top1"])
         c["val"].append(100 * result["best_val_top1"])
-        speeds = [h["images_per_s"] for h in _history(folder)]
+        history = _history(folder)
+        speeds = [h["images_per_s"] for h in history]
+        if history and "train_acc" in history[-1]:
+            c["train"].append(100 * history[-1]["train_acc"])
         if speeds:
             c["img_s"].append(statistics.median(speeds))
     return configs
@@ -269,9 +272,9 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
         dense = configs.get(f"{net}-dense", {})
         dense_speed = statistics.mean(dense["img_s"]) if dense.get("img_s") else None
         lines += [f"### {net} ({NETS[net][0]})", "",
-                  "| variant | C | test top-1 % (mean ± std) | seeds | best val % | params | MACs | "
+                  "| variant | C | test top-1 % (mean ± std) | seeds | best val % | train % (last epoch) | params | MACs | "
                   "train img/s in runs (÷ dense) | train step ÷ dense, timed together | ORT latency ÷ dense (layout) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in keys:
             c, m = configs[k], meas.get(k, {})
             speed = "-"
@@ -285,7 +288,7 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
             if m.get("train_ratio") is not None:
                 step = f"{m['train_ratio']:.2f}" if c["variant"] != "dense" else f"1 ({m['train_img_s']:.0f} img/s)"
             lines.append(f"| {LABELS[c['variant']]} | {c['compress'] or 1} | {_mean_std(c['test'])} | {len(c['test'])} | "
-                         f"{_mean_std(c['val'])} | {_human(m['params']) if m else '-'} | "
+                         f"{_mean_std(c['val'])} | {_mean_std(c['train'])} | {_human(m['params']) if m else '-'} | "
                          f"{_human(m['macs']) if m else '-'} | {speed} | {step} | {ort} |")
         lines += ["", f"Differences in test top-1 (points, mean over seeds; {net}):", "",
                   "| C | X mixing 1 − grouped | X mixing 2 − grouped | X mixing 2 − mixing 1 | dense − X mixing 2 | dense − grouped |",
