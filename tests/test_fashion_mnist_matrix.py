@@ -80,7 +80,7 @@ def test_page_tables_and_plot(tool, tmp_path):
                                                       for s in (100, 300, 200)))
     configs = tool.collect(runs, str(out))
     meas = {k: {"params": 1000 * (i + 1), "macs": 5000, "ort_ms": 1.0, "ort_ratio": 1.0, "layout": "-",
-                "train_img_s": 500.0, "train_ratio": 1.0}
+                "train_img_s": 500.0, "train_ratio": 1.0, "reach": None}
             for i, k in enumerate(configs)}
     text = tool.tables(configs, meas, len(runs), len(runs) - 3)
     assert "Partial: 37 of 40 runs finished" in text

@@ -193,6 +193,28 @@ def collect(runs: list[Run], out: str) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def reach(model) -> float | None:
+    """Fraction of (last, first) channel pairs of the chain of X-layers joined by a path.
+
+    Only for a plain chain (each X-layer reads the previous one's outputs, as the MobileNet's
+    pointwise convs do through channel-wise depthwise convs); ``None`` otherwise, or for dense.
+    Grouped convs without shuffle give ``1 / C`` (C separate towers); Theorem 3.1 of the paper
+    says X-layers reach 1 after a few layers.
+    """
+    import torch
+
+    from xsurgery.layers import XConv2d
+
+    layers = [m for m in model.modules() if isinstance(m, XConv2d)]
+    if not layers or any(a.out_channels != b.in_channels for a, b in zip(layers, layers[1:])):
+        return None
+    paths = None
+    for layer in layers:
+        m = layer.graph.mask().to(torch.float64)  # [out, in]
+        paths = m if paths is None else (m @ paths > 0).to(torch.float64)
+    return float(paths.mean())
+
+
 def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force: bool = False) -> dict[str, Any]:
     """Params, MACs and ORT latency (batch 1) of each configuration's seed-0 model; cached."""
     import tempfile
@@ -211,7 +233,7 @@ def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force
     torch.set_num_threads(threads)
     for net in NETS:
         names = [k for k, c in configs.items() if c["net"] == net and 0 in c["seeds"]]
-        if not names or all("train_ratio" in cache.get(k, {}) for k in names):
+        if not names or all("reach" in cache.get(k, {}) for k in names):
             continue
         runners, steps, rows = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -222,6 +244,8 @@ def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force
                 res = export_onnx(model, onnx_path, input_size=(1, 28, 28), threads=threads, verbose=False)
                 chosen = list((res.layers or {}).values())
                 rows[k] = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, x),
+                           # the ResNet is no chain: its dense 1x1 shortcuts mix every channel
+                           "reach": reach(model) if configs[k]["variant"] != "dense" and net == "mobilenet" else None,
                            "layout": f"{chosen.count('gather')}/{len(chosen)} gather" if chosen else "-"}
                 runners[k] = ort_runner(onnx_path, x, threads=threads)
                 steps[k] = train_runner(model, torch.randn(TRAIN_BATCH, 1, 28, 28))
@@ -258,6 +282,10 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _reach(m: dict[str, Any]) -> str:
+    return f"{m['reach']:.3g}" if m.get("reach") is not None else "-"
+
+
 def _order(configs: dict[str, dict[str, Any]], net: str) -> list[str]:
     keys = [k for k, c in configs.items() if c["net"] == net]
     return sorted(keys, key=lambda k: (configs[k]["compress"] or 0, ("dense", *VARIANTS).index(configs[k]["variant"])))
@@ -272,9 +300,9 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
         dense = configs.get(f"{net}-dense", {})
         dense_speed = statistics.mean(dense["img_s"]) if dense.get("img_s") else None
         lines += [f"### {net} ({NETS[net][0]})", "",
-                  "| variant | C | test top-1 % (mean ± std) | seeds | best val % | train % (last epoch) | params | MACs | "
+                  "| variant | C | test top-1 % (mean ± std) | seeds | best val % | train % (last epoch) | params | MACs | reach | "
                   "train img/s in runs (÷ dense) | train step ÷ dense, timed together | ORT latency ÷ dense (layout) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in keys:
             c, m = configs[k], meas.get(k, {})
             speed = "-"
@@ -289,7 +317,7 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
                 step = f"{m['train_ratio']:.2f}" if c["variant"] != "dense" else f"1 ({m['train_img_s']:.0f} img/s)"
             lines.append(f"| {LABELS[c['variant']]} | {c['compress'] or 1} | {_mean_std(c['test'])} | {len(c['test'])} | "
                          f"{_mean_std(c['val'])} | {_mean_std(c['train'])} | {_human(m['params']) if m else '-'} | "
-                         f"{_human(m['macs']) if m else '-'} | {speed} | {step} | {ort} |")
+                         f"{_human(m['macs']) if m else '-'} | {_reach(m)} | {speed} | {step} | {ort} |")
         lines += ["", f"Differences in test top-1 (points, mean over seeds; {net}):", "",
                   "| C | X mixing 1 − grouped | X mixing 2 − grouped | X mixing 2 − mixing 1 | dense − X mixing 2 | dense − grouped |",
                   "|---|---|---|---|---|---|"]
