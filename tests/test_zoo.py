@@ -69,7 +69,8 @@ def test_surgery_converts_zoo_models_like_any_model(name):
     assert not any(isinstance(m, XConv2d) for m in model.modules())  # plain definitions
     x_model, _ = convert(name, compress=2)
     xs = [m for m in x_model.modules() if isinstance(m, XConv2d)]
-    dense_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # depthwise/grouped convs are never converted (MobileNet's)
+    dense_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
     assert len(xs) == len(dense_convs) - 1  # all but the stem
     assert type(x_model) is type(model)
     c, h, w = model.default_input_size
@@ -84,3 +85,21 @@ def test_densenet_depth_must_be_6n_plus_4():
 
     with pytest.raises(ValueError, match="6n \\+ 4"):
         DenseNetBC(depth=41)
+
+
+def test_fashion_mnist_nets_structure_and_parameter_counts():
+    from xsurgery.zoo import fmnist_mobilenet, fmnist_resnet
+
+    m = fmnist_mobilenet(width=32)
+    # stem conv+BN, then per block: depthwise 3x3 + BN, pointwise 1x1 + BN; classifier
+    chans = [(32, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+    expect = 9 * 32 + 2 * 32 + sum(9 * a + 2 * a + a * b + 2 * b for a, b in chans) + 256 * 10 + 10
+    assert sum(p.numel() for p in m.parameters()) == expect
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert sum(c.groups == c.in_channels > 1 for c in convs) == 5 and sum(c.kernel_size == (1, 1) for c in convs) == 5
+    r = fmnist_resnet(width=16)
+    convs = [c for c in r.modules() if isinstance(c, nn.Conv2d)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 7 and sum(c.kernel_size == (1, 1) for c in convs) == 2
+    for net in (m, r):
+        assert net.default_input_size == (1, 28, 28)
+        assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
