@@ -233,7 +233,7 @@ def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force
     torch.set_num_threads(threads)
     for net in NETS:
         names = [k for k, c in configs.items() if c["net"] == net and 0 in c["seeds"]]
-        if not names or all("reach" in cache.get(k, {}) for k in names):
+        if not names or all("ort_median_ms" in cache.get(k, {}) for k in names):
             continue
         runners, steps, rows = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -249,14 +249,17 @@ def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force
                            "layout": f"{chosen.count('gather')}/{len(chosen)} gather" if chosen else "-"}
                 runners[k] = ort_runner(onnx_path, x, threads=threads)
                 steps[k] = train_runner(model, torch.randn(TRAIN_BATCH, 1, 28, 28))
-            timings = time_interleaved(runners, warmup=5, repeat=30, min_sample_ms=20)
-            step_timings = time_interleaved(steps, warmup=2, repeat=10, min_sample_ms=50)
+            timings = time_interleaved(runners, warmup=5, repeat=40, min_sample_ms=10)
+            step_timings = time_interleaved(steps, warmup=2, repeat=15, min_sample_ms=1)
         dense = f"{net}-dense"
         for k in names:
-            rows[k]["ort_ms"] = timings[k].median_ms
-            rows[k]["ort_ratio"] = timings[k].median_ms / timings[dense].median_ms if dense in timings else None
-            rows[k]["train_img_s"] = TRAIN_BATCH * 1e3 / step_timings[k].median_ms
-            rows[k]["train_ratio"] = (step_timings[dense].median_ms / step_timings[k].median_ms
+            # the fastest sample, not the median: on a machine shared with other work most
+            # samples are slowed by other processes, the fastest is the least disturbed
+            rows[k]["ort_ms"] = timings[k].min_ms
+            rows[k]["ort_median_ms"] = timings[k].median_ms
+            rows[k]["ort_ratio"] = timings[k].min_ms / timings[dense].min_ms if dense in timings else None
+            rows[k]["train_img_s"] = TRAIN_BATCH * 1e3 / step_timings[k].min_ms
+            rows[k]["train_ratio"] = (step_timings[dense].min_ms / step_timings[k].min_ms
                                       if dense in step_timings else None)
             cache[k] = rows[k]
         _write_text(cache_path, json.dumps(cache, indent=1))
