@@ -334,10 +334,19 @@ class Report:
     batch: int = 1
     method: str | None = None  # how the surgery rewrote the model ("fx" / "module-swap"), if it did
     trace_error: str | None = None
+    inputs: list[dict[str, Any]] | None = None  # name/shape/dtype per input tensor; None: no forward ran
+    macs_known: bool = True  # False when there was no example input: params only, MACs None
 
     @property
     def totals(self) -> dict[str, Any]:
-        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``."""
+        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``.
+
+        Without an example input the MAC and FLOP entries are None (never a guessed shape's)."""
+        if not self.macs_known:
+            return {"params_before": self.params_before, "params_after": self.params_after,
+                    "macs_before": None, "macs_after": None, "flops_before": None, "flops_after": None,
+                    "params_ratio": _ratio(self.params_before, self.params_after), "macs_ratio": None,
+                    "converted_layers": sum(r.converted for r in self.layers)}
         macs_b = sum(r.macs_before for r in self.layers)
         macs_a = sum(r.macs_after for r in self.layers)
         return {
@@ -358,6 +367,7 @@ class Report:
             "model": self.model,
             "input_size": list(self.input_size),
             "batch": self.batch,
+            "inputs": self.inputs,
             **({"method": self.method} if self.method is not None else {}),
             **({"trace_error": self.trace_error} if self.trace_error is not None else {}),
             "totals": self.totals,
@@ -374,7 +384,8 @@ class Report:
         rows = [LayerRow(**{k: v for k, v in r.items() if k in names}) for r in d["layers"]]
         t = d["totals"]
         return cls(d["model"], list(d["input_size"]), rows, int(t["params_before"]), int(t["params_after"]),
-                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"))
+                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
+                   t.get("macs_before") is not None)
 
     def render(self, console=None, max_rows: int | None = None) -> None:
         """Print the layer table and the totals with ``rich``.
@@ -388,7 +399,7 @@ class Report:
         from rich.table import Table
 
         console = console or Console()
-        title = f"{self.model} @ {'x'.join(str(v) for v in self.input_size)}"
+        title = f"{self.model} @ {'x'.join(str(v) for v in self.input_size) or 'no input'}"
         if self.batch != 1:
             title += f", batch {self.batch}"
         table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
@@ -419,8 +430,10 @@ class Report:
             reason = r.reason or r.note or ("not run" if r.calls == 0 and not r.projected else "")
             if r.projected:
                 reason = f"{reason} (planned)".strip()
-            cells += [_before_after(r.params_before, r.params_after), _before_after(r.macs_before, r.macs_after),
-                      reason]
+            macs = _before_after(r.macs_before, r.macs_after) if self.macs_known else "-"
+            if not self.macs_known and reason == "not run":
+                reason = ""
+            cells += [_before_after(r.params_before, r.params_after), macs, reason]
             table.add_row(*cells, style="green" if r.converted else None)
         console.print(table)
 
@@ -430,6 +443,9 @@ class Report:
             foot.add_column(col, justify="right" if col else "left")
         for label, key in (("params", "params"), ("MACs", "macs"), ("FLOPs", "flops")):
             b, a = t[f"{key}_before"], t[f"{key}_after"]
+            if b is None:
+                foot.add_row(label, "give an example input for MACs", "", "")
+                continue
             foot.add_row(label, _human(b), _human(a), f"{_ratio(b, a):.2f}x")
         console.print(foot)
         console.print(f"{t['converted_layers']} of {len(self.layers)} counted layers converted; "
@@ -501,12 +517,15 @@ def report(
     decisions: Iterable[Any] | None = None,
     batch: int = 1,
     project: bool = False,
+    example_inputs: Any = None,
 ) -> Report:
-    """Count params and MACs of ``model`` with one forward pass on a random input.
+    """Count params and MACs of ``model`` with one forward pass on an example input.
 
     Args:
-        model: any ``nn.Module`` taking one image-like tensor; may contain X-layers.
-        input_size: per-sample shape, e.g. ``(3, 224, 224)``; default :func:`default_input_size`.
+        model: any ``nn.Module``; may contain X-layers.
+        input_size: per-sample shape of one float input, e.g. ``(3, 224, 224)``; default the
+            model family's example (:func:`xsurgery._inputs.default_example`). A model of no
+            known family and no example gets a report of parameters only (MACs None).
         name: the model's name in the report (default: its timm architecture or class name).
         decisions: the surgery's per-layer decisions (dicts keyed by ``name``); their
             ``reason`` (stem, classifier, depthwise, ...) and graph details go into the rows.
@@ -514,6 +533,8 @@ def report(
         project: for a decision that says ``converted`` on a still-dense layer, report the
             layer as the plan would build it (``xsurgery plan``); the totals then describe the
             planned model, not ``model``.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (real dtypes); replaces ``input_size`` and ``batch``.
 
     Returns:
         The :class:`Report`; ``report.params_after == sum(p.numel() for p in model.parameters())``
@@ -522,15 +543,25 @@ def report(
     global _ATEN
     if _ATEN is None:
         _ATEN = _aten_macs()
-    size = list(default_input_size(model) if input_size is None else input_size)
+    from ._inputs import call, default_example, describe, normalize, per_sample_size
+
+    if example_inputs is not None:
+        example = normalize(example_inputs)
+        from ._inputs import batch_of
+
+        batch = batch_of(example)
+    elif input_size is not None:
+        p = next(iter(model.parameters()), None)
+        x = torch.randn(batch, *input_size, device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None and p.is_floating_point() else None)
+        example = ((x,), {})
+    else:
+        example = default_example(model, batch)
+    size = per_sample_size(example)
     if name is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
         name = name or type(model).__name__
-    p = next(iter(model.parameters()), None)
-    x = torch.randn(batch, *size, device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
-
     tracker = _Tracker(model)
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     # nn.MultiheadAttention's fused fast path is one opaque aten op; the regular path is countable
@@ -538,8 +569,16 @@ def report(
     model.eval()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), _FunctionalCounter(tracker):
-            model(x)
+        if example is not None:
+            with torch.no_grad(), _FunctionalCounter(tracker):
+                try:
+                    call(model, example)
+                except Exception as exc:
+                    from ._errors import UserError
+                    from ._inputs import first_error_line, shapes_text
+
+                    raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                                    f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tracker.remove()
@@ -557,4 +596,5 @@ def report(
     params_before = params_after + extra
     params_after -= sum(r.params_before - r.params_after for r in rows if r.projected)
     return Report(model=name, input_size=size, layers=rows, params_before=params_before,
-                  params_after=params_after, batch=batch)
+                  params_after=params_after, batch=batch, inputs=describe(model, example),
+                  macs_known=example is not None)

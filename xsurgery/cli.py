@@ -50,7 +50,25 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_ok: bool = False) -
     p.add_argument("--model-kwargs", type=_json_arg, default=None, metavar="JSON", help="factory kwargs as JSON")
     p.add_argument("--pretrained", action="store_true", help="ask the library for pretrained weights")
     p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
-                   help="H, H W or C H W (default: the model's own, 224 for ImageNet models)")
+                   help="H, H W or C H W for image models; the feature size / length when the model starts "
+                        "with a Linear / Conv1d / Embedding (default: the model's own)")
+    p.add_argument("--input", action="append", default=None, metavar="[NAME=]SHAPE[:DTYPE]", type=_input_arg,
+                   help="an example input, repeatable: 1x128:int64, attention_mask=1x128:int64, 8x40 "
+                        "(dtype default: the model's float dtype)")
+
+
+def _input_arg(text: str):
+    from ._inputs import parse_input_spec
+
+    try:
+        return parse_input_spec(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def example_arg(args: argparse.Namespace):
+    """The ``--input`` specs, or None (then ``--input-size`` or the model's default)."""
+    return args.input or None
 
 
 def add_surgery_args(p: argparse.ArgumentParser) -> None:
@@ -108,8 +126,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
         if os.path.exists(args.output):
             raise UserError(f"{args.output} exists; pass --force to overwrite it")
-    model, rep = convert(args.model, input_size=args.input_size, model_kwargs=args.model_kwargs,
-                         pretrained=args.pretrained, **surgery_kwargs(args))
+    model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
+                         model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
+                         **surgery_kwargs(args))
     if args.json:
         _emit_json(rep.to_dict(), args.json)
     if args.json != "-":
@@ -166,12 +185,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from ._inputs import resolve
     from ._sources import create_model
     from .analysis import report
-    from .surgery import normalize_input_size
 
     model = create_model(args.model, args.model_kwargs, args.pretrained)
-    rep = report(model, normalize_input_size(args.input_size, model), name=args.model)
+    rep = report(model, name=args.model, example_inputs=resolve(model, example_arg(args), args.input_size))
     if args.json:
         _emit_json(rep.to_dict(), args.json)
     if args.json != "-":
@@ -196,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_surgery_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running original and converted on the example to compare their outputs")
     _add_output_args(p)
     p.set_defaults(func=_cmd_convert)
 
