@@ -10,7 +10,9 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["add_model_args", "add_surgery_args", "add_trust_args", "load_options", "surgery_kwargs"]
+from ._errors import UserError
+
+__all__ = ["add_model_args", "add_surgery_args", "add_trust_args", "example_arg", "load_options", "surgery_kwargs"]
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -37,12 +39,30 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_ok: bool = False) -
     p.add_argument("--model-kwargs", type=_json_arg, default=None, metavar="JSON", help="factory kwargs as JSON")
     p.add_argument("--pretrained", action="store_true", help="ask the library for pretrained weights")
     p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
-                   help="H, H W or C H W (default: the model's own, 224 for ImageNet models)")
+                   help="H, H W or C H W for image models; the feature size / length when the model starts "
+                        "with a Linear / Conv1d / Embedding (default: the model's own)")
+    p.add_argument("--input", action="append", default=None, metavar="[NAME=]SHAPE[:DTYPE]", type=_input_arg,
+                   help="an example input, repeatable: 1x128:int64, attention_mask=1x128:int64, 8x40 "
+                        "(dtype default: the model's float dtype)")
     if checkpoint_ok:
         p.add_argument("--model", dest="dense_model", default=None, metavar="PKG.MOD:FACTORY",
                        help="for a checkpoint of your own model: the factory that builds it dense "
                             "(with --model-kwargs); the checkpoint's surgery and weights are applied to it")
         add_trust_args(p)
+
+
+def _input_arg(text: str):
+    from ._inputs import parse_input_spec
+
+    try:
+        return parse_input_spec(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def example_arg(args: argparse.Namespace):
+    """The ``--input`` specs, or None (then ``--input-size`` or the model's default)."""
+    return getattr(args, "input", None) or None
 
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:

@@ -102,7 +102,11 @@ def create_model(
                         f"(`xsurgery report`/`export` take them)")
 
     model: nn.Module
-    if ":" in source:
+    if source.startswith("hf/"):
+        from ._hf import create_hf_model
+
+        model = create_hf_model(source[len("hf/"):], kwargs, pretrained)
+    elif ":" in source:
         mod_name, _, attr = source.partition(":")
         try:
             factory = getattr(importlib.import_module(mod_name), attr)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._inputs import default_input_size
 from .graphs import BipartiteGraph, spectral_gap
 from .layers import X_LAYERS, XLinear, is_conv1d_linear
 
@@ -41,38 +42,6 @@ _DECISION_FIELDS = ("kind", "reason", "in_channels", "out_channels", "kernel", "
                     "spectral_gap", "mixing", "note", "seed")
 
 
-# --------------------------------------------------------------------------- input size
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The ``(C, H, W)`` a model is normally run at.
-
-    In order: a ``default_input_size`` attribute (the CIFAR zoo models set one); a timm
-    ViT-style fixed ``patch_embed.img_size``; timm's ``pretrained_cfg`` / ``default_cfg``
-    ``input_size``; torchvision's own (inception_v3: 299, ViT: ``image_size``); else 224.
-    """
-    own = getattr(model, "default_input_size", None)
-    if own is not None:
-        return tuple(int(v) for v in own)  # type: ignore[return-value]
-    chans = 3
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        chans = int(cfg["input_size"][0])
-    # a timm model made with img_size=... keeps the cfg's 224 but accepts only its own size
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    if img is not None and getattr(pe, "strict_img_size", True) and not getattr(pe, "dynamic_img_size", False):
-        img = (img, img) if isinstance(img, int) else tuple(img)
-        if len(img) == 2:
-            return (chans, int(img[0]), int(img[1]))
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    cls = type(model).__name__
-    if cls == "Inception3":
-        return (3, 299, 299)
-    if cls == "VisionTransformer" and isinstance(getattr(model, "image_size", None), int):
-        return (3, model.image_size, model.image_size)
-    return (3, 224, 224)
 
 
 # --------------------------------------------------------------------------- rows
@@ -345,10 +314,19 @@ class Report:
     batch: int = 1
     method: str | None = None  # how the surgery rewrote the model ("fx" / "module-swap"), if it did
     trace_error: str | None = None
+    inputs: list[dict[str, Any]] | None = None  # name/shape/dtype per input tensor; None: no forward ran
+    macs_known: bool = True  # False when there was no example input: params only, MACs None
 
     @property
     def totals(self) -> dict[str, Any]:
-        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``."""
+        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``.
+
+        Without an example input the MAC and FLOP entries are None (never a guessed shape's)."""
+        if not self.macs_known:
+            return {"params_before": self.params_before, "params_after": self.params_after,
+                    "macs_before": None, "macs_after": None, "flops_before": None, "flops_after": None,
+                    "params_ratio": _ratio(self.params_before, self.params_after), "macs_ratio": None,
+                    "converted_layers": sum(r.converted for r in self.layers)}
         macs_b = sum(r.macs_before for r in self.layers)
         macs_a = sum(r.macs_after for r in self.layers)
         return {
@@ -369,6 +347,7 @@ class Report:
             "model": self.model,
             "input_size": list(self.input_size),
             "batch": self.batch,
+            "inputs": self.inputs,
             **({"method": self.method} if self.method is not None else {}),
             **({"trace_error": self.trace_error} if self.trace_error is not None else {}),
             "totals": self.totals,
@@ -385,7 +364,8 @@ class Report:
         rows = [LayerRow(**{k: v for k, v in r.items() if k in names}) for r in d["layers"]]
         t = d["totals"]
         return cls(d["model"], list(d["input_size"]), rows, int(t["params_before"]), int(t["params_after"]),
-                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"))
+                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
+                   t.get("macs_before") is not None)
 
     def render(self, console=None, max_rows: int | None = None) -> None:
         """Print the layer table and the totals with ``rich``.
@@ -399,7 +379,7 @@ class Report:
         from rich.table import Table
 
         console = console or Console()
-        title = f"{self.model} @ {'x'.join(str(v) for v in self.input_size)}"
+        title = f"{self.model} @ {'x'.join(str(v) for v in self.input_size) or 'no input'}"
         if self.batch != 1:
             title += f", batch {self.batch}"
         table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
@@ -430,8 +410,10 @@ class Report:
             reason = r.reason or r.note or ("not run" if r.calls == 0 and not r.projected else "")
             if r.projected:
                 reason = f"{reason} (planned)".strip()
-            cells += [_before_after(r.params_before, r.params_after), _before_after(r.macs_before, r.macs_after),
-                      reason]
+            macs = _before_after(r.macs_before, r.macs_after) if self.macs_known else "-"
+            if not self.macs_known and reason == "not run":
+                reason = ""
+            cells += [_before_after(r.params_before, r.params_after), macs, reason]
             table.add_row(*cells, style="green" if r.converted else None)
         console.print(table)
 
@@ -441,6 +423,9 @@ class Report:
             foot.add_column(col, justify="right" if col else "left")
         for label, key in (("params", "params"), ("MACs", "macs"), ("FLOPs", "flops")):
             b, a = t[f"{key}_before"], t[f"{key}_after"]
+            if b is None:
+                foot.add_row(label, "give an example input for MACs", "", "")
+                continue
             foot.add_row(label, _human(b), _human(a), f"{_ratio(b, a):.2f}x")
         console.print(foot)
         console.print(f"{t['converted_layers']} of {len(self.layers)} counted layers converted; "
@@ -516,12 +501,15 @@ def report(
     decisions: Iterable[Any] | None = None,
     batch: int = 1,
     project: bool = False,
+    example_inputs: Any = None,
 ) -> Report:
-    """Count params and MACs of ``model`` with one forward pass on a random input.
+    """Count params and MACs of ``model`` with one forward pass on an example input.
 
     Args:
-        model: any ``nn.Module`` taking one image-like tensor; may contain X-layers.
-        input_size: per-sample shape, e.g. ``(3, 224, 224)``; default :func:`default_input_size`.
+        model: any ``nn.Module``; may contain X-layers.
+        input_size: per-sample shape of one float input, e.g. ``(3, 224, 224)``; default the
+            model family's example (:func:`xsurgery._inputs.default_example`). A model of no
+            known family and no example gets a report of parameters only (MACs None).
         name: the model's name in the report (default: its timm architecture or class name).
         decisions: the surgery's per-layer decisions (dicts keyed by ``name``); their
             ``reason`` (stem, classifier, depthwise, ...) and graph details go into the rows.
@@ -529,6 +517,8 @@ def report(
         project: for a decision that says ``converted`` on a still-dense layer, report the
             layer as the plan would build it (``xsurgery plan``); the totals then describe the
             planned model, not ``model``.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (real dtypes); replaces ``input_size`` and ``batch``.
 
     Returns:
         The :class:`Report`; ``report.params_after == sum(p.numel() for p in model.parameters())``
@@ -537,15 +527,25 @@ def report(
     global _ATEN
     if _ATEN is None:
         _ATEN = _aten_macs()
-    size = list(default_input_size(model) if input_size is None else input_size)
+    from ._inputs import call, default_example, describe, normalize, per_sample_size
+
+    if example_inputs is not None:
+        example = normalize(example_inputs)
+        from ._inputs import batch_of
+
+        batch = batch_of(example)
+    elif input_size is not None:
+        p = next(iter(model.parameters()), None)
+        x = torch.randn(batch, *input_size, device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None and p.is_floating_point() else None)
+        example = ((x,), {})
+    else:
+        example = default_example(model, batch)
+    size = per_sample_size(example)
     if name is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
         name = name or type(model).__name__
-    p = next(iter(model.parameters()), None)
-    x = torch.randn(batch, *size, device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
-
     tracker = _Tracker(model)
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     # nn.MultiheadAttention's fused fast path is one opaque aten op; the regular path is countable
@@ -553,8 +553,16 @@ def report(
     model.eval()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), _FunctionalCounter(tracker):
-            model(x)
+        if example is not None:
+            with torch.no_grad(), _FunctionalCounter(tracker):
+                try:
+                    call(model, example)
+                except Exception as exc:
+                    from ._errors import UserError
+                    from ._inputs import first_error_line, shapes_text
+
+                    raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                                    f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tracker.remove()
@@ -572,4 +580,5 @@ def report(
     params_before = params_after + extra
     params_after -= sum(r.params_before - r.params_after for r in rows if r.projected)
     return Report(model=name, input_size=size, layers=rows, params_before=params_before,
-                  params_after=params_after, batch=batch)
+                  params_after=params_after, batch=batch, inputs=describe(model, example),
+                  macs_known=example is not None)

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from ._args import add_model_args, add_surgery_args, load_options, surgery_kwargs
+from ._args import add_model_args, add_surgery_args, example_arg, load_options, surgery_kwargs
 from ._errors import UserError
 from ._version import __version__
 
@@ -53,8 +53,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .surgery import convert
 
     _check_outputs(args, args.output, args.json)
-    model, rep = convert(args.model, input_size=args.input_size, model_kwargs=args.model_kwargs,
-                         pretrained=args.pretrained, allow_none=args.allow_none, **surgery_kwargs(args))
+    model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
+                         model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
+                         allow_none=args.allow_none, **surgery_kwargs(args))
     if args.json:
         _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
@@ -114,13 +115,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from ._inputs import resolve
     from .analysis import report
     from .checkpoint import resolve_model
-    from .surgery import normalize_input_size
 
     _check_outputs(args, args.json)
     model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
-    rep = report(model, normalize_input_size(args.input_size, model), name=args.model)
+    rep = report(model, name=args.model, example_inputs=resolve(model, example_arg(args), args.input_size))
     if args.json:
         _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite OUT and the --json FILE")
     p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running original and converted on the example to compare their outputs")
     _add_output_args(p, force=False)
     p.set_defaults(func=_cmd_convert)
 

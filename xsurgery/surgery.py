@@ -443,32 +443,15 @@ def _disable_fused_encoder(model: nn.Module) -> None:
             m.use_nested_tensor = False
 
 
-def _outputs_shapes(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return tuple(obj.shape)
-    if isinstance(obj, dict):
-        return {k: _outputs_shapes(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_outputs_shapes(v) for v in obj]
-    return type(obj).__name__
-
-
 def normalize_input_size(input_size: int | Sequence[int] | None, model: nn.Module) -> tuple[int, ...]:
-    """``None`` -> the model's default; ``H`` or ``(H, W)`` -> ``(C, H, W)`` with the default C."""
-    from .analysis import default_input_size
+    """``None`` -> the model's default image size; else the per-sample shape ``input_size`` means
+    for this model (see :func:`xsurgery._inputs._shape_from_size`: image shorthand, or the
+    feature / sequence / clip shape when the first layer is a Linear, Embedding, Conv1d, Conv3d)."""
+    from ._inputs import _known_image_size, _shape_from_size
 
-    recorded = getattr(model, "_xsurgery_input_size", None)  # what convert used, kept in checkpoints
-    default = tuple(recorded) if recorded else tuple(default_input_size(model))
     if input_size is None:
-        return default
-    size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
-    if any(s < 1 for s in size) or len(size) not in (1, 2, 3):
-        raise UserError(f"--input-size takes H, H W or C H W with positive values, got {list(size)}")
-    if len(size) == 1:
-        return (default[0], size[0], size[0])
-    if len(size) == 2:
-        return (default[0], *size)
-    return size
+        return _known_image_size(model)
+    return _shape_from_size(model, input_size)[0]
 
 
 def convert(
@@ -493,6 +476,7 @@ def convert(
     pretrained: bool = False,
     check: bool = True,
     allow_none: bool = False,
+    example_inputs: Any = None,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
 
@@ -513,15 +497,25 @@ def convert(
         min_channels: skip layers with fewer input channels.
         plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
         execution: ``auto``, ``gather`` or ``masked``.
-        input_size: for the check forward and the report (default: the model's own).
+        input_size: shorthand for a float example of this per-sample shape: ``H``, ``(H, W)``
+            or ``(C, H, W)`` for image models; the feature shape when the first layer is an
+            ``nn.Linear`` (``40`` -> ``[1, 40]``), a length for Conv1d / embedding models.
         model_kwargs: factory kwargs when ``model`` is a name.
         pretrained: ask for the library's weights when ``model`` is a name.
-        check: run original and converted once and compare output shapes.
+        check: run original and converted on the example and compare the outputs' structure
+            (see :func:`check_outputs`); ``False`` skips it.
+        example_inputs: what the model runs on for the check and the report: a tensor, a
+            tuple of positional inputs or a dict of keyword inputs (real dtypes and devices),
+            or ``--input`` spec strings. Default: the model family's own example
+            (:func:`xsurgery._inputs.default_example`); a model of no known family is
+            converted by structure alone and its report has no MACs.
         allow_none: accept a surgery that converts no layer (otherwise a :class:`UserError`).
 
     Returns:
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
+    from ._inputs import describe, per_sample_size
+    from ._inputs import resolve as resolve_example
     from ._sources import create_model
     from .analysis import report as make_report
 
@@ -544,14 +538,17 @@ def convert(
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
         plan=load_plan(plan), execution=execution,
     )
-    size = normalize_input_size(input_size, model)
+    example = resolve_example(model, example_inputs, input_size)
     converted, decisions, trace = apply_surgery(model, spec)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
-    converted._xsurgery_input_size = list(size)
-    if check:
-        _check_forward(model, converted, size)
-    rep = make_report(converted, size, name=name, decisions=[d.to_dict() for d in decisions])
+    if example is not None:
+        converted._xsurgery_inputs = describe(model, example)
+        if len(example[0]) == 1 and not example[1] and isinstance(example[0][0], torch.Tensor):
+            converted._xsurgery_input_size = per_sample_size(example)
+        if check:
+            check_outputs(model, converted, example)
+    rep = make_report(converted, example_inputs=example, name=name, decisions=[d.to_dict() for d in decisions])
     rep.method = "fx" if trace.ok else "module-swap"
     rep.trace_error = trace.error
     return converted, rep
@@ -568,22 +565,95 @@ def _none_converted(decisions: Sequence[Decision]) -> str:
             f"or pass --allow-none (allow_none=True) to accept it unchanged")
 
 
+def _structure(obj: Any, lengths_vary: bool = False) -> Any:
+    """Tensors -> ``(dtype, shape, shape_is_data_dependent)``; containers keep their keys/lengths."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", str(obj.dtype).replace("torch.", ""), tuple(obj.shape), lengths_vary)
+    if isinstance(obj, dict):
+        return ("dict", {k: _structure(v, lengths_vary) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        # a list of dicts is per-image instance results (torchvision detection): their lengths
+        # depend on the scores, i.e. on the weights, which the surgery changes
+        per_instance = lengths_vary or (bool(obj) and all(isinstance(v, dict) for v in obj) and isinstance(obj, list))
+        return ("seq", [_structure(v, per_instance) for v in obj])
+    return ("other", type(obj).__name__)
+
+
+def _diff(ref: Any, ref2: Any, out: Any, path: str) -> str | None:
+    """First difference between the original's output structure and the converted one's."""
+    where = path or "output"
+    if ref[0] != out[0]:
+        return f"{where}: the original returns {ref[0] if ref[0] != 'other' else ref[1]}, the converted model " \
+               f"{out[0] if out[0] != 'other' else out[1]}"
+    if ref[0] == "tensor":
+        _, dtype, shape, varies = ref
+        if out[1] != dtype:
+            return f"{where}: dtype {out[1]} instead of {dtype}"
+        if len(out[2]) != len(shape):
+            return f"{where}: rank {len(out[2])} instead of {len(shape)} (shape {list(out[2])} vs {list(shape)})"
+        deterministic = not varies and ref2 is not None and ref2[0] == "tensor" and ref2[2] == shape
+        if deterministic and out[2] != shape:
+            return f"{where}: shape {list(out[2])} instead of {list(shape)}"
+        return None
+    if ref[0] == "dict":
+        if list(ref[1]) != list(out[1]):
+            return f"{where}: keys {list(out[1])} instead of {list(ref[1])}"
+        other = ref2[1] if ref2 is not None and ref2[0] == "dict" else {}
+        for k in ref[1]:
+            msg = _diff(ref[1][k], other.get(k), out[1][k], f"{path}[{k!r}]")
+            if msg:
+                return msg
+        return None
+    if ref[0] == "seq":
+        if len(ref[1]) != len(out[1]):
+            return f"{where}: {len(out[1])} items instead of {len(ref[1])}"
+        other = ref2[1] if ref2 is not None and ref2[0] == "seq" and len(ref2[1]) == len(ref[1]) else [None] * len(ref[1])
+        for i, (a, b, c) in enumerate(zip(ref[1], other, out[1])):
+            msg = _diff(a, b, c, f"{path}[{i}]")
+            if msg:
+                return msg
+        return None
+    return None if ref == out else f"{where}: {out[1]} instead of {ref[1]}"
+
+
 @torch.no_grad()
-def _check_forward(original: nn.Module, converted: nn.Module, size: tuple[int, ...]) -> None:
-    p = next(original.parameters(), None)
-    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(p.device if p is not None else "cpu")
-    was = original.training, converted.training
+def check_outputs(original: nn.Module, converted: nn.Module, example: tuple[tuple, dict]) -> None:
+    """Run both models (eval mode) on ``example`` and compare their outputs' structure.
+
+    Always compared: container types, dict keys, sequence lengths, tensor ranks and dtypes.
+    Exact shapes are compared only where the original's are deterministic: the original runs
+    a second time on fresh values of the same shapes (:func:`xsurgery._inputs.resample`), and
+    a tensor whose shape changed between the two runs, or that sits in a list of dicts
+    (torchvision detection's per-image boxes, whose counts depend on the scores and so on the
+    weights the surgery replaced), is compared by rank only.
+
+    Raises:
+        UserError: the original fails on the example (with the model's own first error line),
+            or the converted model fails or returns a different structure.
+    """
+    from ._inputs import call, first_error_line, resample, shapes_text
+
+    was = [(m, m.training) for model in (original, converted) for m in model.modules()]  # a frozen BN stays frozen
     original.eval()
     converted.eval()
     try:
         try:
-            ref = _outputs_shapes(original(x))
+            ref = _structure(call(original, example))
         except Exception as exc:
-            raise UserError(f"the original model does not run on input {list(size)} ({type(exc).__name__}); "
-                            f"pass --input-size") from exc
-        out = _outputs_shapes(converted(x))
+            raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                            f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
+        try:
+            ref2 = _structure(call(original, resample(example)))
+        except Exception:
+            ref2 = None  # fresh values broke it (e.g. ids out of a range it needs): trust no exact shape
+        try:
+            out = _structure(call(converted, example))
+        except Exception as exc:
+            raise UserError(f"the converted model fails on the example input ({first_error_line(exc)}); "
+                            f"exclude the layer involved (--exclude) or skip the check (--no-check)") from exc
     finally:
-        original.train(was[0])
-        converted.train(was[1])
-    if out != ref:
-        raise RuntimeError(f"converted model's output shapes {out} differ from the original's {ref}")
+        for m, training in was:
+            m.training = training
+    msg = _diff(ref, ref2, out, "")
+    if msg:
+        raise UserError(f"the converted model's output differs from the original's: {msg} (--no-check skips this check)")
