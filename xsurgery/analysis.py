@@ -10,7 +10,9 @@ One forward pass on a random input counts, per layer, parameters and multiply-ac
   attributed to the innermost module running; those rows are never converted.
 
 Ops run inside a counted module are not counted again, so an X-layer's masked execution
-(a dense conv on a mostly-zero weight) still counts its sparse MACs.
+(a dense conv on a mostly-zero weight) still counts its sparse MACs; what it computes is in
+``macs_executed`` (masked: the dense MACs; gather: the sparse ones), next to the ``execution``
+that ``execution="auto"`` resolves to on the layer's device.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .graphs import BipartiteGraph, spectral_gap
-from .layers import XConv2d, XLinear
+from .layers import XConv2d, XLinear, auto_execution
 
 __all__ = ["LayerRow", "Report", "cached_spectral_gap", "default_input_size", "report"]
 
@@ -97,6 +99,13 @@ class LayerRow:
     projected: bool = False
     note: str | None = None
     seed: int | None = None
+    execution: str | None = None  # X-layers: "gather" or "masked", as the layer resolves it where it lives
+    macs_executed: int | None = None  # MACs the execution computes (masked: the dense MACs); None: macs_after
+
+    @property
+    def executed_macs(self) -> int:
+        """MACs actually computed: ``macs_executed``, or ``macs_after`` where nothing else runs."""
+        return self.macs_after if self.macs_executed is None else self.macs_executed
 
     @property
     def flops_before(self) -> int:
@@ -109,6 +118,7 @@ class LayerRow:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["flops_before"], d["flops_after"] = self.flops_before, self.flops_after
+        d["macs_executed"] = self.executed_macs
         return d
 
 
@@ -144,6 +154,7 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
             in_channels=m.in_features, out_channels=m.out_features, kernel=kernel, degree=m.degree,
             blocks=m.blocks, graph=m.graph_name, spectral_gap=cached_spectral_gap(m.graph), mixing=m.mixing,
             params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
+            execution=m.resolved_execution(), macs_executed=0,
         )
     params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
     if isinstance(m, nn.Linear):
@@ -290,6 +301,8 @@ class _Tracker:
         row.calls += 1
         row.macs_before += before
         row.macs_after += after
+        if row.macs_executed is not None:  # X-layers: masked execution is a dense conv on a zero-filled weight
+            row.macs_executed += before if row.execution == "masked" else after
 
     def add_functional(self, kind: str, macs: int) -> None:
         name = self.names.get(id(self.stack[-1]), "") if self.stack else ""
@@ -333,16 +346,20 @@ class Report:
 
     @property
     def totals(self) -> dict[str, Any]:
-        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``."""
+        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``,
+        and ``macs/flops_executed`` (what the X-layers' executions compute: masked runs dense MACs)."""
         macs_b = sum(r.macs_before for r in self.layers)
         macs_a = sum(r.macs_after for r in self.layers)
+        macs_x = sum(r.executed_macs for r in self.layers)
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
             "macs_before": macs_b,
             "macs_after": macs_a,
+            "macs_executed": macs_x,
             "flops_before": 2 * macs_b,
             "flops_after": 2 * macs_a,
+            "flops_executed": 2 * macs_x,
             "params_ratio": _ratio(self.params_before, self.params_after),
             "macs_ratio": _ratio(macs_b, macs_a),
             "converted_layers": sum(r.converted for r in self.layers),
@@ -423,6 +440,11 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             row.params_after = row.out_channels * int(d["degree"]) * area + bias
             row.macs_after = row.macs_before * int(d["degree"]) // row.in_channels
             row.converted = row.projected = True
+            if d.get("blocks"):  # as execution="auto" would run the planned layer on CPU
+                kind = "linear" if row.kind == "linear" else "pointwise" if area == 1 else "conv"
+                row.execution = auto_execution(int(d["blocks"]), row.out_channels, int(d["degree"]),
+                                               row.in_channels, None, kind)
+                row.macs_executed = row.macs_before if row.execution == "masked" else row.macs_after
 
 
 def report(
