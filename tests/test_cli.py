@@ -74,7 +74,7 @@ def test_unreadable_checkpoint_and_existing_output_subprocess(tmp_path):
     exe = [sys.executable, "-m", "xsurgery.cli"]
     r = subprocess.run([*exe, "report", str(junk)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "not a readable safetensors" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "not an xsurgery checkpoint" in r.stderr
     existing = tmp_path / "out.xs"
     existing.write_bytes(b"keep me")
     r = subprocess.run([*exe, "convert", "resnet18", *SMALL, "-o", str(existing)], capture_output=True, text=True)

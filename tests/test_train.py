@@ -82,12 +82,12 @@ def test_existing_output_needs_resume_or_force(tmp_path):
         train(_small(tmp_path, name="other"), resume=True, quiet=True)
 
 
-def test_resume_detects_half_written_state(tmp_path):
+def test_resume_detects_altered_state(tmp_path):
     recipe = _small(tmp_path, "epochs=2")
     train(recipe, stop_after_epoch=1, quiet=True)
-    with open(tmp_path / "out" / "train_state.safetensors", "ab") as f:
+    with open(tmp_path / "out" / ".xsurgery" / "epoch-0001" / "train_state.safetensors", "ab") as f:
         f.write(b"x")
-    with pytest.raises(UserError, match="killed while saving"):
+    with pytest.raises(UserError, match="does not match train_state.json"):
         train(recipe, resume=True, quiet=True)
 
 

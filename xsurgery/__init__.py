@@ -5,7 +5,7 @@ Data flows graphs -> layers -> surgery -> analysis -> export -> train -> cli.
 
 from ._version import __version__
 from .graphs import BipartiteGraph, build_graph, list_graphs, register_graph
-from .layers import XConv2d, XLinear
+from .layers import XConv1d, XConv2d, XConv3d, XLinear
 
 
 def __getattr__(name):
@@ -27,7 +27,9 @@ def __getattr__(name):
 
 __all__ = [
     "BipartiteGraph",
+    "XConv1d",
     "XConv2d",
+    "XConv3d",
     "XLinear",
     "__version__",
     "build_graph",

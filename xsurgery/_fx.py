@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import XConv2d, XLinear
+from .layers import X_LAYERS, is_conv1d_linear
 
 __all__ = ["Trace", "fallback_roles", "trace_roles"]
 
 _LEARNED_FUNCS = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
-                  operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv2d,
+                  operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv1d,
+                  torch.nn.functional.conv2d, torch.nn.functional.conv3d,
                   torch.nn.functional.scaled_dot_product_attention}
 _LEARNED_METHODS = {"matmul", "bmm", "mm", "__matmul__", "baddbmm"}
 
@@ -45,13 +46,20 @@ def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+            # conv/linear subclasses (torchvision's Conv3DSimple, transformers' Conv1D) are
+            # layers, not code to trace through: their weight would otherwise look read
+            # directly. Whether a subclass's forward is safe to replace is decided elsewhere.
+            return isinstance(m, leaf) or _is_layer(m) or super().is_leaf_module(m, qualname)
 
     return Tracer(autowrap_functions=autowrap)
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear, XConv2d, XLinear))
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *X_LAYERS)) or is_conv1d_linear(m)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return _is_layer(m) and hasattr(m, "kernel_size")
 
 
 def trace_roles(model: nn.Module) -> Trace:
@@ -87,7 +95,7 @@ def trace_roles(model: nn.Module) -> Trace:
         from_input[node] = node.op == "placeholder" or any(from_input[i] for i in ins)
         if is_layer_node(node) and not upstream[node] and from_input[node]:
             m = modules[node.target]
-            if isinstance(m, (nn.Conv2d, XConv2d)):
+            if _is_conv(m):
                 stems.add(node.target)
     downstream: dict[torch.fx.Node, bool] = {}
     reaches_output: dict[torch.fx.Node, bool] = {}
@@ -108,7 +116,7 @@ def fallback_roles(model: nn.Module) -> Trace:
     stems: set[str] = set()
     classifiers: set[str] = set()
     layers = [(n, m) for n, m in model.named_modules() if _is_layer(m)]
-    convs = [n for n, m in layers if isinstance(m, (nn.Conv2d, XConv2d))]
+    convs = [n for n, m in layers if _is_conv(m)]
     if convs:
         stems.add(convs[0])
     head = None

@@ -1,14 +1,17 @@
-"""Where models come from: torchvision, timm, an import path, the zoo, or an xsurgery checkpoint.
+"""Where models come from: torchvision, timm, the zoo, or an import path.
 
 Models are built with random weights; no network is needed unless ``pretrained`` is asked.
 Every model built here carries ``model._xsurgery_source`` so that a checkpoint can record
-how to rebuild it.
+how to rebuild it. This module knows nothing about checkpoints: "checkpoint path or model
+name" is decided once, in :func:`xsurgery.checkpoint.resolve_model`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import json
 import os
 from typing import Any
 
@@ -16,14 +19,20 @@ from torch import nn
 
 from ._errors import UserError
 
-__all__ = ["create_model", "is_checkpoint_path"]
+__all__ = ["LIBRARY_PREFIXES", "create_model", "is_library_name"]
 
-CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
+# a source that names a library model (rebuilt from the name alone, importing nothing the
+# name chooses): torchvision and zoo names have no prefix, timm's "timm/", transformers' "hf/"
+LIBRARY_PREFIXES = ("timm/", "hf/")
 
 
-def is_checkpoint_path(source: str) -> bool:
-    """A string names a checkpoint when it ends like one or is an existing file."""
-    return source.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(source)
+def is_library_name(source: Any) -> bool:
+    """A torchvision/timm/zoo (or ``hf/``) model name, as opposed to an import path, a file or an object."""
+    if not isinstance(source, str) or source == "object":
+        return False
+    prefix = next((p for p in LIBRARY_PREFIXES if source.startswith(p)), "")
+    rest = source[len(prefix):]
+    return bool(rest) and all(c.isalnum() or c in "_-." for c in rest) and not rest.endswith((".xs", ".safetensors"))
 
 
 def _torchvision_names() -> list[str]:
@@ -54,41 +63,50 @@ def _pretrained_error(name: str, exc: BaseException) -> UserError:
     )
 
 
+def _rejected(name: str, kwargs: dict[str, Any], exc: BaseException) -> UserError:
+    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return UserError(f"model {name!r} rejected --model-kwargs {json.dumps(kwargs)[:160]} "
+                     f"({type(exc).__name__}: {detail}); check the factory's arguments")
+
+
 def _call(factory, name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return factory(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
+    except Exception as exc:  # a factory may reject bad values in any way (TypeError, ValueError, assert)
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
+        raise
 
 
 def create_model(
     source: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False
 ) -> nn.Module:
-    """Build a model from a name, an import path or a checkpoint.
+    """Build a model from a library name or an import path (checkpoints: ``xsurgery.load``).
 
     Args:
         source: torchvision name (``resnet50``), timm name (``timm/convnext_tiny`` or a bare
-            name only timm knows), zoo name (``densenet_bc_40``), import path
-            ``package.module:factory``, or the path of an xsurgery checkpoint.
+            name only timm knows), zoo name (``densenet_bc_40``), or import path
+            ``package.module:factory``.
         model_kwargs: keyword arguments for the factory (e.g. ``{"num_classes": 10}``).
         pretrained: ask the library for its weights; fails with a :class:`UserError` when
             they cannot be had.
 
     Raises:
-        UserError: unknown name, bad kwargs, unloadable checkpoint, weights unavailable.
+        UserError: unknown name, bad kwargs, a file path, weights unavailable.
     """
     if not isinstance(source, str) or not source:
         raise UserError("model must be a name such as resnet50, timm/vit_tiny_patch16_224, or pkg.mod:factory")
     kwargs = dict(model_kwargs or {})
-    if is_checkpoint_path(source):
-        if kwargs or pretrained:
-            raise UserError("a checkpoint carries its own model; drop --model-kwargs/--pretrained")
-        from .checkpoint import load
-
-        return load(source)
+    if os.path.isfile(source):
+        raise UserError(f"{source} is a file, not a model name; open checkpoints with xsurgery.load "
+                        f"(`xsurgery report`/`export` take them)")
 
     model: nn.Module
-    if ":" in source:
+    if source.startswith("hf/"):
+        from ._hf import create_hf_model
+
+        model = create_hf_model(source[len("hf/"):], kwargs, pretrained)
+    elif ":" in source:
         mod_name, _, attr = source.partition(":")
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
@@ -109,12 +127,14 @@ def create_model(
         import torchvision
 
         try:
-            model = torchvision.models.get_model(source, weights="DEFAULT" if pretrained else None, **kwargs)
+            model = torchvision.models.get_model(source, **_torchvision_weights(source, pretrained, kwargs))
         except TypeError as exc:
             raise UserError(f"model {source!r} rejected --model-kwargs {kwargs}: {exc}") from exc
         except Exception as exc:  # downloads fail in many ways (URLError, OSError, RuntimeError)
             if pretrained:
                 raise _pretrained_error(source, exc) from exc
+            if kwargs:
+                raise _rejected(source, kwargs, exc) from exc
             raise
     elif _timm_is_model(source):
         model = _create_timm(source, kwargs, pretrained)
@@ -129,6 +149,21 @@ def create_model(
     return model
 
 
+def _torchvision_weights(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus the weight arguments: random weights offline unless ``pretrained``.
+
+    Detection, segmentation and video factories also take ``weights_backbone``, which
+    defaults to ImageNet weights (a download); it is set to ``None`` unless asked for.
+    """
+    import torchvision
+
+    out = {"weights": "DEFAULT" if pretrained else None, **kwargs}
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    if "weights_backbone" in params and not pretrained:
+        out.setdefault("weights_backbone", None)
+    return out
+
+
 def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
     import timm
 
@@ -137,9 +172,9 @@ def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Modu
         raise UserError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"timm model {name!r} rejected --model-kwargs {kwargs}: {exc}") from exc
     except Exception as exc:
         if pretrained:
             raise _pretrained_error(name, exc) from exc
+        if kwargs:
+            raise _rejected(name, kwargs, exc) from exc
         raise

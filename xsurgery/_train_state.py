@@ -1,44 +1,56 @@
 """A training run's state on disk: checkpoint, optimizer/RNG state, metrics; no pickle.
 
-Every file is written atomically; ``train_state.json`` is written last and records the
-sha256 of the other two, so a kill while saving is detected on ``--resume``.
+One commit point per save, so a kill at any instant loses at most the epoch being saved:
+
+1. every file of epoch N (``last.xs``, ``train_state.safetensors``, any extra artifact such
+   as ``best.xs``) is written, each atomically, into a fresh stage folder
+   ``.xsurgery/epoch-000N/``; artifacts not rewritten this epoch are hard-linked from the
+   previous stage;
+2. **commit**: ``train_state.json`` (scalars, history, the stage's name and the sha256 of
+   each of its files) atomically replaces the previous one;
+3. publish: the stage's files are hard-linked over the top-level names (``last.xs``, ...),
+   ``metrics.jsonl`` is rewritten, and older stages are removed.
+
+``--resume`` reads only ``train_state.json`` and the stage it names (checking every digest),
+re-publishes it (a kill during step 3 is repaired) and removes uncommitted stages. The folder
+is locked while a run writes it (``.xsurgery/lock``: pid and host).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
-from collections.abc import Callable
+import re
+import shutil
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import _io
 from ._errors import UserError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 CHECKPOINT = "last.xs"
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 METRICS = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    from .checkpoint import write_atomic
-
-    write_atomic(path, write, force=True)
+PRIVATE = ".xsurgery"
+LOCK = "lock"
+_STAGE = re.compile(r"epoch-\d{4,}")
+# top-level names a run writes; anything else in the folder is not the run's
+RUN_FILES = {CHECKPOINT, STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, "best.xs"}
 
 
 def write_text(path: str, text: str) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, w)
+    _io.write_text(path, text, force=True)
 
 
 def sha256(path: str) -> str:
@@ -98,53 +110,219 @@ def load_optim_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor
     opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 class Run:
-    """Paths and on-disk state of one output folder."""
+    """Paths and on-disk state of one output folder (see the module docstring)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.checkpoint = os.path.join(folder, CHECKPOINT)
-        self.tensors = os.path.join(folder, STATE_TENSORS)
         self.json = os.path.join(folder, STATE_JSON)
         self.metrics = os.path.join(folder, METRICS)
         self.recipe = os.path.join(folder, RECIPE_FILE)
+        self.private = os.path.join(folder, PRIVATE)
+        self.lock_path = os.path.join(self.private, LOCK)
+        self._locked = False
+
+    # ------------------------------------------------------------------ folder and lock
 
     def has_checkpoint(self) -> bool:
-        return any(os.path.exists(p) for p in (self.checkpoint, self.json))
+        return os.path.isfile(self.json)
 
-    def save(self, model: nn.Module, opt, scaler, scalars: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        from safetensors.torch import save_file
+    def check_folder(self, *, resume: bool, force: bool, check_lock: bool = True) -> None:
+        """Refuse an output that is a file, a folder another live run writes, or (without
+        ``force``) a folder holding files this run did not write."""
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise UserError(f"output {self.folder} is a file; set output= to a folder")
+        if check_lock:
+            self._check_lock(force=force)
+        if resume or force or not os.path.isdir(self.folder):
+            return
+        entries = sorted(os.listdir(self.folder))
+        foreign = [e for e in entries if e not in RUN_FILES]
+        if foreign:
+            raise UserError(f"output folder {self.folder} holds files this run did not write "
+                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose an empty "
+                            f"folder or pass --force (those files are kept)")
+        if self.has_checkpoint():
+            raise UserError(f"{self.folder} already holds a run ({STATE_JSON}); pass --resume to continue it "
+                            f"or --force to start over")
+        if entries:
+            raise UserError(f"{self.folder} holds an unfinished run or another run's files "
+                            f"({', '.join(entries[:3])}); pass --force to start over")
 
+    def _read_lock(self) -> dict[str, Any] | None:
+        try:
+            with open(self.lock_path, encoding="utf-8") as f:
+                info = json.loads(f.read(4096) or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _check_lock(self, *, force: bool) -> dict[str, Any] | None:
+        """None when free; the lock's content when stale (taken over by :meth:`lock`)."""
+        info = self._read_lock()
+        if info is None:
+            return None
+        pid, host = info.get("pid"), info.get("host")
+        here = socket.gethostname()
+        if isinstance(pid, int) and host == here and _alive(pid) and pid != os.getpid():
+            raise UserError(f"{self.folder} is being written by another run (process {pid} on {host}, lock "
+                            f"{self.lock_path}); wait for it to finish or choose another output")
+        if isinstance(pid, int) and host == here:
+            return info  # a dead process's lock: stale, safe to take over
+        if not force:
+            raise UserError(f"{self.folder} is locked by process {pid} on host {host} ({self.lock_path}); "
+                            f"if that run is dead, pass --force to take the folder over")
+        return info
+
+    @contextlib.contextmanager
+    def lock(self, *, force: bool, log: Callable[[str], None] = print) -> Iterator[None]:
+        """Hold the folder's lock (pid + host) while the block runs."""
+        stale = self._check_lock(force=force)
+        try:
+            os.makedirs(self.private, exist_ok=True)
+        except OSError as exc:
+            raise _io.os_error(self.private, exc) from exc
+        mine = {"pid": os.getpid(), "host": socket.gethostname()}
+        if stale is not None:
+            log(f"xsurgery: taking over the stale lock of process {stale.get('pid')} on "
+                f"{stale.get('host')}, which is no longer running ({self.lock_path})")
+            _io.write_json(self.lock_path, mine, force=True)
+        else:
+            try:
+                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._check_lock(force=False)  # another run got there first: name it
+                raise UserError(f"{self.folder} was locked by another run just now; choose another output") from None
+            except OSError as exc:
+                raise _io.os_error(self.lock_path, exc) from exc
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(mine))
+        self._locked = True
+        try:
+            yield
+        finally:
+            self._locked = False
+            if self._read_lock() == mine:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path)
+
+    def clear(self) -> None:
+        """--force: remove what a run writes (files this run did not write stay)."""
+        for name in (CHECKPOINT, STATE_JSON, METRICS, "best.xs"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.folder, name))
+        if os.path.isdir(self.private):
+            for entry in os.listdir(self.private):
+                if _STAGE.fullmatch(entry):
+                    shutil.rmtree(os.path.join(self.private, entry), ignore_errors=True)
+
+    # --------------------------------------------------------------------- save / load
+
+    def _stage(self, name: str) -> str:
+        return os.path.join(self.private, name)
+
+    def _committed(self) -> dict[str, Any] | None:
+        if not os.path.isfile(self.json):
+            return None
+        try:
+            with open(self.json, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot resume: {self.json} is unreadable ({type(exc).__name__}); "
+                            f"start again with --force") from exc
+        if not isinstance(record, dict) or record.get("version") != STATE_VERSION:
+            version = record.get("version") if isinstance(record, dict) else None
+            raise UserError(f"{self.json} has state version {version}; this xsurgery reads {STATE_VERSION}; "
+                            f"start again with --force")
+        if not _STAGE.fullmatch(str(record.get("stage"))) or not isinstance(record.get("files"), dict):
+            raise UserError(f"cannot resume: {self.json} names no valid stage; start again with --force")
+        return record
+
+    def save(self, model: nn.Module, opt, scaler, scalars: dict[str, Any], history: list[dict[str, Any]],
+             artifacts: dict[str, Callable[[str], None]] | None = None) -> None:
+        """Save one epoch with a single commit point.
+
+        Args:
+            artifacts: extra top-level files of this epoch, name -> ``write(path)`` (e.g.
+                ``{"best.xs": lambda p: save(best, p, force=True)}``); an artifact of an earlier
+                epoch that is not passed again is carried over unchanged.
+        """
         from .checkpoint import save
 
+        previous = self._committed()
+        stage_name = f"epoch-{int(scalars['epoch']):04d}"
+        stage = self._stage(stage_name)
+        if previous is not None and previous["stage"] == stage_name:
+            raise RuntimeError(f"epoch {scalars['epoch']} is already committed")
+        shutil.rmtree(stage, ignore_errors=True)  # an uncommitted attempt
+        try:
+            os.makedirs(stage)
+        except OSError as exc:
+            raise _io.os_error(stage, exc) from exc
         tensors, opt_scalars = optim_state(opt)
         rng_tensors, rng_scalars = rng_state()
         tensors.update(rng_tensors)
-        atomic_write(self.tensors, lambda tmp: save_file(tensors, tmp))
-        save(model, self.checkpoint, force=True, extra={"epoch": scalars["epoch"]})
-        # the JSON is written last and names the digests of the other two: a kill between the
-        # writes leaves a mismatch that --resume reports instead of silently mixing epochs
+        _io.write_safetensors(os.path.join(stage, STATE_TENSORS), tensors, force=True)
+        save(model, os.path.join(stage, CHECKPOINT), force=True, extra={"epoch": scalars["epoch"]})
+        for name, write in (artifacts or {}).items():
+            if name not in RUN_FILES or name in (STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, CHECKPOINT):
+                raise ValueError(f"artifact {name!r} is not one of the run's file names {sorted(RUN_FILES)}")
+            _io.write_atomic(os.path.join(stage, name), write, force=True)
+        if previous is not None:  # carry over artifacts this epoch did not rewrite
+            for name in previous["files"]:
+                target = os.path.join(stage, name)
+                if not os.path.exists(target):
+                    _io.link_atomic(os.path.join(self._stage(previous["stage"]), name), target)
+        files = {name: sha256(os.path.join(stage, name)) for name in sorted(os.listdir(stage))
+                 if not name.startswith(_io.TMP_PREFIX)}
         record = {
             "version": STATE_VERSION, **scalars, "optimizer": opt_scalars, "rng": rng_scalars,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "history": history,
-            "sha256": {CHECKPOINT: sha256(self.checkpoint), STATE_TENSORS: sha256(self.tensors)},
+            "history": history, "stage": stage_name, "files": files,
         }
-        write_text(self.json, json.dumps(record, indent=1))
-        write_text(self.metrics, "".join(json.dumps(h) + "\n" for h in history))
+        _io.write_text(self.json, json.dumps(record, indent=1), force=True)  # the commit point
+        self._publish(record)
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        """Top-level names from the committed stage; older stages removed (idempotent)."""
+        stage = self._stage(record["stage"])
+        for name in record["files"]:
+            if name != STATE_TENSORS:
+                _io.link_atomic(os.path.join(stage, name), os.path.join(self.folder, name))
+        _io.write_text(self.metrics, "".join(json.dumps(h) + "\n" for h in record["history"]), force=True)
+        for entry in os.listdir(self.private):
+            if _STAGE.fullmatch(entry) and entry != record["stage"]:
+                shutil.rmtree(self._stage(entry), ignore_errors=True)
 
     def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The last committed state (digests checked), re-published."""
         from safetensors.torch import load_file
 
-        for p in (self.checkpoint, self.tensors, self.json):
-            if not os.path.isfile(p):
+        record = self._committed()
+        if record is None:
+            raise UserError(f"nothing to resume: {self.folder} has no finished epoch ({STATE_JSON})")
+        stage = self._stage(record["stage"])
+        for name, digest in record["files"].items():
+            p = os.path.join(stage, name)
+            if os.path.basename(name) != name or not os.path.isfile(p):
                 raise UserError(f"cannot resume: {p} is missing; start again with --force")
-        with open(self.json, encoding="utf-8") as f:
-            record = json.load(f)
-        if record.get("version") != STATE_VERSION:
-            raise UserError(f"{self.json} has state version {record.get('version')}; this xsurgery reads {STATE_VERSION}")
-        for name, digest in record["sha256"].items():
-            if sha256(os.path.join(self.folder, name)) != digest:
-                raise UserError(f"cannot resume: {name} in {self.folder} does not match {STATE_JSON} "
-                                f"(the run was killed while saving); start again with --force")
-        return record, load_file(self.tensors)
+            if sha256(p) != digest:
+                raise UserError(f"cannot resume: {name} in {stage} does not match {STATE_JSON} "
+                                f"(the file was altered); start again with --force")
+        self._publish(record)
+        return record, load_file(os.path.join(stage, STATE_TENSORS))

@@ -27,49 +27,23 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._inputs import default_input_size
 from .graphs import BipartiteGraph, spectral_gap
-from .layers import XConv2d, XLinear, auto_execution
+from .layers import X_LAYERS, XLinear, auto_execution, is_conv1d_linear
 
 __all__ = ["LayerRow", "Report", "cached_spectral_gap", "default_input_size", "report"]
 
-_X = (XConv2d, XLinear)
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, XConv2d, XLinear)
+_X = X_LAYERS
+_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, *X_LAYERS)
+
+
+def _is_counted(m: nn.Module) -> bool:
+    """Counted from its shapes (transformers' Conv1D is a linear stored ``[in, out]``)."""
+    return isinstance(m, _COUNTED) or is_conv1d_linear(m)
 _DECISION_FIELDS = ("kind", "reason", "in_channels", "out_channels", "kernel", "degree", "blocks", "graph",
                     "spectral_gap", "mixing", "note", "seed")
 
 
-# --------------------------------------------------------------------------- input size
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The ``(C, H, W)`` a model is normally run at.
-
-    In order: a ``default_input_size`` attribute (the CIFAR zoo models set one); a timm
-    ViT-style fixed ``patch_embed.img_size``; timm's ``pretrained_cfg`` / ``default_cfg``
-    ``input_size``; torchvision's own (inception_v3: 299, ViT: ``image_size``); else 224.
-    """
-    own = getattr(model, "default_input_size", None)
-    if own is not None:
-        return tuple(int(v) for v in own)  # type: ignore[return-value]
-    chans = 3
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        chans = int(cfg["input_size"][0])
-    # a timm model made with img_size=... keeps the cfg's 224 but accepts only its own size
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    if img is not None and getattr(pe, "strict_img_size", True) and not getattr(pe, "dynamic_img_size", False):
-        img = (img, img) if isinstance(img, int) else tuple(img)
-        if len(img) == 2:
-            return (chans, int(img[0]), int(img[1]))
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    cls = type(model).__name__
-    if cls == "Inception3":
-        return (3, 299, 299)
-    if cls == "VisionTransformer" and isinstance(getattr(model, "image_size", None), int):
-        return (3, model.image_size, model.image_size)
-    return (3, 224, 224)
 
 
 # --------------------------------------------------------------------------- rows
@@ -147,7 +121,7 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
     """The static part of a counted module's row (MACs are added while it runs)."""
     bias = 0 if getattr(m, "bias", None) is None else m.bias.numel()
     if isinstance(m, _X):
-        kernel = list(m.kernel_size) if isinstance(m, XConv2d) else None
+        kernel = None if isinstance(m, XLinear) else list(m.kernel_size)
         area = math.prod(kernel) if kernel else 1
         return LayerRow(
             name=name, kind=("linear" if kernel is None else "pointwise" if area == 1 else "conv"), converted=True,
@@ -157,6 +131,9 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
             execution=m.resolved_execution(), macs_executed=0,
         )
     params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
+    if is_conv1d_linear(m):
+        return LayerRow(name=name, kind="linear", in_channels=int(m.weight.shape[0]),
+                        out_channels=int(m.weight.shape[1]), params_before=params, params_after=params)
     if isinstance(m, nn.Linear):
         return LayerRow(name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
                         params_before=params, params_after=params)
@@ -166,11 +143,14 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
 
 def _module_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     """(before, after) MACs of one call of a counted module."""
-    if isinstance(m, XConv2d):
-        area = m.kernel_size[0] * m.kernel_size[1]
-        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
     if isinstance(m, XLinear):
         return out.numel() * m.in_features, out.numel() * m.degree
+    if isinstance(m, _X):
+        area = math.prod(m.kernel_size)
+        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
+    if is_conv1d_linear(m):
+        macs = out.numel() * int(m.weight.shape[0])
+        return macs, macs
     if isinstance(m, nn.Linear):
         macs = out.numel() * m.in_features
         return macs, macs
@@ -273,7 +253,7 @@ class _Tracker:
         self.module_rows: dict[int, LayerRow] = {}
         self.handles: list[Any] = []
         for n, m in model.named_modules():
-            if isinstance(m, _COUNTED) and id(m) not in self.module_rows:
+            if _is_counted(m) and id(m) not in self.module_rows:
                 row = _module_row(n, m)
                 self.module_rows[id(m)] = row
             self.handles.append(m.register_forward_pre_hook(self._pre))
@@ -343,11 +323,21 @@ class Report:
     batch: int = 1
     method: str | None = None  # how the surgery rewrote the model ("fx" / "module-swap"), if it did
     trace_error: str | None = None
+    inputs: list[dict[str, Any]] | None = None  # name/shape/dtype per input tensor; None: no forward ran
+    macs_known: bool = True  # False when there was no example input: params only, MACs None
 
     @property
     def totals(self) -> dict[str, Any]:
         """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``,
-        and ``macs/flops_executed`` (what the X-layers' executions compute: masked runs dense MACs)."""
+        and ``macs/flops_executed`` (what the X-layers' executions compute: masked runs dense MACs).
+
+        Without an example input the MAC and FLOP entries are None (never a guessed shape's)."""
+        if not self.macs_known:
+            return {"params_before": self.params_before, "params_after": self.params_after,
+                    "macs_before": None, "macs_after": None, "macs_executed": None, "flops_before": None,
+                    "flops_after": None, "flops_executed": None,
+                    "params_ratio": _ratio(self.params_before, self.params_after), "macs_ratio": None,
+                    "converted_layers": sum(r.converted for r in self.layers)}
         macs_b = sum(r.macs_before for r in self.layers)
         macs_a = sum(r.macs_after for r in self.layers)
         macs_x = sum(r.executed_macs for r in self.layers)
@@ -371,6 +361,7 @@ class Report:
             "model": self.model,
             "input_size": list(self.input_size),
             "batch": self.batch,
+            "inputs": self.inputs,
             **({"method": self.method} if self.method is not None else {}),
             **({"trace_error": self.trace_error} if self.trace_error is not None else {}),
             "totals": self.totals,
@@ -387,7 +378,8 @@ class Report:
         rows = [LayerRow(**{k: v for k, v in r.items() if k in names}) for r in d["layers"]]
         t = d["totals"]
         return cls(d["model"], list(d["input_size"]), rows, int(t["params_before"]), int(t["params_after"]),
-                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"))
+                   int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
+                   t.get("macs_before") is not None)
 
     def render(self, console=None, max_rows: int | None = None) -> None:
         """Print the layer table and the totals with ``rich`` (see :mod:`xsurgery._render`).
@@ -419,7 +411,11 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
         row = by_name.get(name)
         if row is None:  # a decision about a module the forward never reached
             m = modules.get(name)
-            row = _module_row(name, m) if isinstance(m, _COUNTED) else LayerRow(name=name, kind=d.get("kind") or "?")
+            if _is_counted(m):
+                row = _module_row(name, m)
+            else:  # a weight module with no X-layer form (embedding, RNN, attention): its own params
+                own = sum(q.numel() for q in m.parameters(recurse=False)) if m is not None else 0
+                row = LayerRow(name=name, kind=d.get("kind") or "?", params_before=own, params_after=own)
             rows.append(row)
             by_name[name] = row
         is_x = isinstance(modules.get(name), _X)
@@ -455,12 +451,15 @@ def report(
     decisions: Iterable[Any] | None = None,
     batch: int = 1,
     project: bool = False,
+    example_inputs: Any = None,
 ) -> Report:
-    """Count params and MACs of ``model`` with one forward pass on a random input.
+    """Count params and MACs of ``model`` with one forward pass on an example input.
 
     Args:
-        model: any ``nn.Module`` taking one image-like tensor; may contain X-layers.
-        input_size: per-sample shape, e.g. ``(3, 224, 224)``; default :func:`default_input_size`.
+        model: any ``nn.Module``; may contain X-layers.
+        input_size: per-sample shape of one float input, e.g. ``(3, 224, 224)``; default the
+            model family's example (:func:`xsurgery._inputs.default_example`). A model of no
+            known family and no example gets a report of parameters only (MACs None).
         name: the model's name in the report (default: its timm architecture or class name).
         decisions: the surgery's per-layer decisions (dicts keyed by ``name``); their
             ``reason`` (stem, classifier, depthwise, ...) and graph details go into the rows.
@@ -468,6 +467,8 @@ def report(
         project: for a decision that says ``converted`` on a still-dense layer, report the
             layer as the plan would build it (``xsurgery plan``); the totals then describe the
             planned model, not ``model``.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (real dtypes); replaces ``input_size`` and ``batch``.
 
     Returns:
         The :class:`Report`; ``report.params_after == sum(p.numel() for p in model.parameters())``
@@ -476,15 +477,25 @@ def report(
     global _ATEN
     if _ATEN is None:
         _ATEN = _aten_macs()
-    size = list(default_input_size(model) if input_size is None else input_size)
+    from ._inputs import call, default_example, describe, normalize, per_sample_size
+
+    if example_inputs is not None:
+        example = normalize(example_inputs)
+        from ._inputs import batch_of
+
+        batch = batch_of(example)
+    elif input_size is not None:
+        p = next(iter(model.parameters()), None)
+        x = torch.randn(batch, *input_size, device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None and p.is_floating_point() else None)
+        example = ((x,), {})
+    else:
+        example = default_example(model, batch)
+    size = per_sample_size(example)
     if name is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
         name = name or type(model).__name__
-    p = next(iter(model.parameters()), None)
-    x = torch.randn(batch, *size, device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
-
     tracker = _Tracker(model)
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     # nn.MultiheadAttention's fused fast path is one opaque aten op; the regular path is countable
@@ -492,8 +503,16 @@ def report(
     model.eval()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), _FunctionalCounter(tracker):
-            model(x)
+        if example is not None:
+            with torch.no_grad(), _FunctionalCounter(tracker):
+                try:
+                    call(model, example)
+                except Exception as exc:
+                    from ._errors import UserError
+                    from ._inputs import first_error_line, shapes_text
+
+                    raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                                    f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tracker.remove()
@@ -511,4 +530,5 @@ def report(
     params_before = params_after + extra
     params_after -= sum(r.params_before - r.params_after for r in rows if r.projected)
     return Report(model=name, input_size=size, layers=rows, params_before=params_before,
-                  params_after=params_after, batch=batch)
+                  params_after=params_after, batch=batch, inputs=describe(model, example),
+                  macs_known=example is not None)

@@ -174,18 +174,25 @@ def measure(
     return out
 
 
-def torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+def _call(model: nn.Module, x: Any) -> Any:
+    """``x``: a tensor or an ``(args, kwargs)`` example."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], dict):
+        return model(*x[0], **x[1])
+    return model(x)
+
+
+def torch_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
     """Eager inference: ``model.eval()`` and ``torch.no_grad()``."""
     model.eval()
 
     def run():
         with torch.no_grad():
-            return model(x)
+            return _call(model, x)
 
     return run
 
 
-def train_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+def train_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
     """A training step without the optimizer: forward in train mode, mean of the output, backward."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,7 +200,8 @@ def train_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     def run():
         for p in params:
             p.grad = None
-        out = model(x)
+        out = _call(model, x)
+        out = next(iter(out.values())) if isinstance(out, dict) else out
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().mean().backward()
 
@@ -215,10 +223,13 @@ def _ort_session(path: str | os.PathLike, threads: int | None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def ort_runner(path: str | os.PathLike, x: torch.Tensor, threads: int | None = None) -> Callable[[], Any]:
-    """ONNX Runtime CPU inference of an exported file on the fixed input ``x``."""
+def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
+    """ONNX Runtime CPU inference of an exported file on the fixed input ``x`` (a tensor or an example)."""
+    from ._inputs import flat_tensors
+
     sess = _ort_session(path, threads)
-    feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
+    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), tensors)}
 
     def run():
         return sess.run(None, feed)
@@ -242,11 +253,11 @@ def _ort_layout(variant: str, ort_layout: str) -> str | None:
     return None
 
 
-def _export_model(model: nn.Module, x: torch.Tensor, path: Path, layout: str | None, threads: int | None) -> str:
+def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None) -> str:
     """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given."""
     from .export import export_onnx
 
-    kwargs: dict[str, Any] = {"input_size": tuple(x.shape[1:]), "verify": False, "verbose": False}
+    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False}
     if layout is not None:
         kwargs["layout"] = layout
     kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
@@ -260,7 +271,7 @@ def _export_model(model: nn.Module, x: torch.Tensor, path: Path, layout: str | N
 # ----------------------------------------------------------------------------- MACs
 
 
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+def count_macs(model: nn.Module, x: Any) -> int:
     """Multiply-accumulates of one inference at ``x``'s shape, X-layers at their compact size.
 
     The report's counter (:func:`xsurgery.analysis.report`): conv/linear/X-layers by shape,
@@ -268,30 +279,24 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """
     from .analysis import report
 
-    return int(report(model, tuple(x.shape[1:]), batch=x.shape[0]).totals["macs_after"])
+    return int(report(model, example_inputs=x).totals["macs_after"])
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def _create(model: str | nn.Module) -> nn.Module:
+def _create(model: str | nn.Module, **load_options: bool) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from ._sources import create_model
+    from .checkpoint import resolve_model
 
-    return create_model(model)
-
-
-def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    from .surgery import normalize_input_size
-
-    return tuple(normalize_input_size(input_size, model))
+    return resolve_model(model, **load_options)
 
 
-def _convert(model: nn.Module, compress: float, options: dict[str, Any], input_size) -> nn.Module:
+def _convert(model: nn.Module, compress: float, options: dict[str, Any], example) -> nn.Module:
     from .surgery import convert
 
-    converted, _report = convert(model, compress=compress, input_size=input_size, **options)
+    converted, _report = convert(model, compress=compress, example_inputs=example, **options)
     return converted
 
 
@@ -322,6 +327,8 @@ def bench(
     min_sample_ms: float = 5.0,
     ort_layout: str = "auto",
     show_progress: bool = False,
+    load_options: dict[str, bool] | None = None,
+    example_inputs: Any = None,
 ) -> dict[str, Any]:
     """Time the variants of one model as ratios to the dense model.
 
@@ -340,6 +347,9 @@ def bench(
             ``fixed`` (gather / dense per variant, no per-layer timing at export); see
             :func:`_ort_layout`. The ``default`` variant always uses export's defaults.
         show_progress: a progress bar on stderr.
+        load_options: ``trust_source`` / ``allow_nonfinite`` when ``model`` is a checkpoint.
+        example_inputs: a tensor, tuple or dict of inputs (or ``--input`` specs) instead of
+            ``[batch, *input_size]``; its own batch is timed.
 
     Returns:
         ``{"model", "compress", "batch", "threads", "input_size", "versions", "machine",
@@ -370,16 +380,20 @@ def bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     try:
-        dense = _create(model).eval()
-        size = _input_size(dense, input_size)
-        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+        dense = _create(model, **(load_options or {})).eval()
+        from ._inputs import describe, per_sample_size, resolve
+
+        x = resolve(dense, example_inputs, input_size, batch=batch)
+        if x is None:
+            raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+        size = per_sample_size(x)
         models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
             for c in compresses:
                 for v in variants:
                     if v != "dense":
-                        models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], size).eval()
+                        models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
         macs = {key: count_macs(m, x) for key, m in models.items()}
         with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
             runners: dict[Hashable, Callable[[], Any]] = {}
@@ -416,6 +430,7 @@ def bench(
         "batch": batch,
         "threads": threads,
         "input_size": list(size),
+        "inputs": describe(dense, x),
         "repeat": repeat,
         "ort_layout": ort_layout,
         "warmup": warmup,
@@ -547,20 +562,20 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
     plt.close(fig)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    from .checkpoint import write_atomic
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = True) -> None:
+    from ._io import write_atomic
 
-    write_atomic(os.fspath(path), write, force=True)
+    write_atomic(os.fspath(path), write, force=force)
 
 
-def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1) -> None:
+def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1, force: bool = True) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=indent, separators=None if indent else (",", ":"))
             f.write("\n")
 
-    _atomic_write(path, write)
+    _atomic_write(path, write, force)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -568,6 +583,8 @@ def write_json(data: Any, path: str | os.PathLike, indent: int | None = 1) -> No
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery bench``."""
+    from ._args import add_trust_args
+
     p = subparsers.add_parser("bench", help="time a model's X variants against dense and grouped (ratios)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="torchvision/timm name, import path or checkpoint")
@@ -581,19 +598,25 @@ def add_cli(subparsers) -> None:
     p.add_argument("--ort-layout", choices=ORT_LAYOUTS, default="auto",
                    help="auto: export every variant as `xsurgery export` does; fixed: gather/dense, faster")
     p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N", help="e.g. 3 224 224")
+    from ._args import _input_arg
+
+    p.add_argument("--input", action="append", default=None, metavar="[NAME=]SHAPE[:DTYPE]", type=_input_arg,
+                   help="an example input, repeatable (e.g. 1x128:int64); replaces --batch/--input-size")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency ratio vs compression (matplotlib)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--force", action="store_true", help="overwrite --json/--plot files")
+    add_trust_args(p)
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from ._args import load_options
+    from ._io import check_output
+
     for out in (args.json_out, args.plot):
-        if out and os.path.exists(out) and not args.force:
-            raise UserError(f"{out} exists; pass --force to overwrite it")
-        if out and not Path(out).parent.exists():
-            raise UserError(f"directory {Path(out).parent} does not exist")
+        if out:
+            check_output(out, force=args.force)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -602,13 +625,13 @@ def _cli(args: argparse.Namespace) -> int:
     compress = args.compress[0] if len(args.compress) == 1 else args.compress
     result = bench(args.model, compress, batch=args.batch, threads=args.threads, backends=args.backends,
                    variants=args.variants, repeat=args.repeat, input_size=args.input_size, warmup=args.warmup,
-                   ort_layout=args.ort_layout,
-                   show_progress=sys.stderr.isatty())
+                   ort_layout=args.ort_layout, example_inputs=args.input or None,
+                   show_progress=sys.stderr.isatty(), load_options=load_options(args))
     print_table(result)
     if args.markdown:
         print(markdown_table(result))
     if args.json_out:
-        write_json(result, args.json_out)
+        write_json(result, args.json_out, force=args.force)
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from ._args import add_model_args, add_surgery_args, example_arg, load_options, surgery_kwargs
 from ._errors import UserError
 from ._version import __version__
 
@@ -26,92 +27,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"xsurgery: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}' ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object such as '{\"num_classes\": 10}'")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def add_model_args(p: argparse.ArgumentParser, *, checkpoint_ok: bool = False) -> None:
-    """MODEL, --model-kwargs, --pretrained, --input-size (shared with stage modules)."""
-    what = "model name, timm/<name>, pkg.module:factory" + (", or a .xs checkpoint" if checkpoint_ok else "")
-    p.add_argument("model", help=what)
-    p.add_argument("--model-kwargs", type=_json_arg, default=None, metavar="JSON", help="factory kwargs as JSON")
-    p.add_argument("--pretrained", action="store_true", help="ask the library for pretrained weights")
-    p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
-                   help="H, H W or C H W (default: the model's own, 224 for ImageNet models)")
-
-
-def add_surgery_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("surgery")
-    how = g.add_mutually_exclusive_group()
-    how.add_argument("--compress", type=_positive_float, default=None, metavar="C",
-                     help="compression C: degree D = C_in // C (default 2)")
-    how.add_argument("--degree", type=int, default=None, metavar="D", help="explicit degree D per output")
-    g.add_argument("--mixing", type=int, default=2, metavar="K",
-                   help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
-    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
-    g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],
-                   help="kinds to convert: pointwise conv linear (default: all)")
-    g.add_argument("--include", nargs="+", default=[], metavar="GLOB", help="convert these despite the defaults")
-    g.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="never convert these")
-    g.add_argument("--include-stem", action="store_true", help="convert the stem conv too")
-    g.add_argument("--include-classifier", action="store_true", help="convert the classifier too")
-    g.add_argument("--min-channels", type=int, default=0, metavar="N", help="skip layers with fewer input channels")
-    g.add_argument("--plan", default=None, metavar="FILE", help="YAML/JSON per-pattern rules")
-    g.add_argument("--execution", default="auto", help="auto (default), gather or masked")
-
-
-def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "compress": args.compress, "degree": args.degree, "mixing": args.mixing, "graph": args.graph,
-        "seed": args.seed, "init": args.init, "layers": args.layers, "include": args.include,
-        "exclude": args.exclude, "include_stem": args.include_stem,
-        "include_classifier": args.include_classifier, "min_channels": args.min_channels,
-        "plan": args.plan, "execution": args.execution,
-    }
-
-
-def _emit_json(data: Any, target: str) -> None:
+def _emit_json(data: Any, target: str, force: bool = False) -> None:
     text = json.dumps(data, indent=2, sort_keys=False)
     if target == "-":
         print(text)
         return
-    from .checkpoint import write_atomic
+    from ._io import write_text
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    write_text(target, text + "\n", force=force)
 
-    write_atomic(target, write, force=True)
+
+def _check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
+    """Every output is checked before any work: no overwrite without --force."""
+    from ._io import check_output
+
+    for path in paths:
+        if path and path != "-":
+            check_output(path, force=args.force)
+    if len({p for p in paths if p and p != "-"}) < len([p for p in paths if p and p != "-"]):
+        raise UserError("-o and --json name the same file; give them different names")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save
     from .surgery import convert
 
-    if args.output and not args.force:
-        import os
-
-        if os.path.exists(args.output):
-            raise UserError(f"{args.output} exists; pass --force to overwrite it")
-    model, rep = convert(args.model, input_size=args.input_size, model_kwargs=args.model_kwargs,
-                         pretrained=args.pretrained, **surgery_kwargs(args))
+    _check_outputs(args, args.output, args.json)
+    model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
+                         model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
+                         allow_none=args.allow_none, **surgery_kwargs(args))
     if args.json:
-        _emit_json(rep.to_dict(), args.json)
+        _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
         rep.render(max_rows=args.max_rows)
         if getattr(rep, "method", "fx") != "fx":
@@ -124,12 +70,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ._sources import create_model, is_checkpoint_path
+    from ._sources import create_model
     from .analysis import cached_spectral_gap
+    from .checkpoint import is_checkpoint_path
     from .surgery import SurgerySpec, decide, load_plan
 
     if is_checkpoint_path(args.model):
         raise UserError("plan takes a model name, not a checkpoint")
+    _check_outputs(args, args.json)
     model = create_model(args.model, args.model_kwargs, args.pretrained)
     kw = surgery_kwargs(args)
     kw["plan"] = load_plan(kw["plan"])
@@ -142,7 +90,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         row["spectral_gap"] = cached_spectral_gap(d._graph) if d._graph is not None else None
         rows.append(row)
     if args.json:
-        _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json)
+        _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json,
+                   args.force)
         if args.json == "-":
             return 0
     from rich.console import Console
@@ -166,22 +115,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ._sources import create_model
+    from ._inputs import resolve
     from .analysis import report
-    from .surgery import normalize_input_size
+    from .checkpoint import resolve_model
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
-    rep = report(model, normalize_input_size(args.input_size, model), name=args.model)
+    _check_outputs(args, args.json)
+    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
+    rep = report(model, name=args.model, example_inputs=resolve(model, example_arg(args), args.input_size))
     if args.json:
-        _emit_json(rep.to_dict(), args.json)
+        _emit_json(rep.to_dict(), args.json, args.force)
     if args.json != "-":
         rep.render(max_rows=args.max_rows)
     return 0
 
 
-def _add_output_args(p: argparse.ArgumentParser) -> None:
+def _add_output_args(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write JSON (to stdout, or to FILE)")
+    if force:
+        p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--max-rows", type=int, default=None, metavar="N", help="collapse the table to N rows")
 
 
@@ -195,14 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_surgery_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
-    _add_output_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite OUT and the --json FILE")
+    p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running original and converted on the example to compare their outputs")
+    _add_output_args(p, force=False)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("plan", help="print what convert would do, without converting")
     add_model_args(p)
     add_surgery_args(p)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="overwrite the --json FILE")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("report", help="params/MACs/FLOPs report of any model or checkpoint")
@@ -227,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ._io import signals_raise
+
     try:
-        return int(args.func(args) or 0)
+        with signals_raise():
+            return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:
             raise

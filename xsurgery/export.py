@@ -43,7 +43,7 @@ from torch import nn
 
 from ._errors import UserError
 from ._version import __version__
-from .layers import XConv2d, XLinear
+from .layers import X_LAYERS, XLinear
 
 __all__ = ["DEFAULT_OPSET", "LAYOUTS", "ExportResult", "add_cli", "export_onnx", "read_metadata"]
 
@@ -73,12 +73,14 @@ class ExportResult:
     layers: dict[str, str] = field(default_factory=dict)
     layer_timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     input_shape: tuple[int, ...] = ()
+    input_names: list[str] = field(default_factory=lambda: ["input"])
     dynamic_batch: bool = True
     opset: int = DEFAULT_OPSET
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
+    verified_on: str = "the model"
 
     @property
     def latency_ratio(self) -> float | None:
@@ -120,7 +122,7 @@ class _GatherLinear(nn.Module):
 
 
 def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (XConv2d, XLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
 
 
 def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | None = None) -> nn.Module:
@@ -142,8 +144,10 @@ def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tu
     return out
 
 
-def _run_recording(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
-    """``model(x)`` and the distinct input shapes each named layer saw."""
+def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
+    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw."""
+    from ._inputs import call, first_error_line, shapes_text
+
     seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
     hooks = []
     for name in names:
@@ -153,10 +157,10 @@ def _run_recording(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call(model, example)
     except Exception as exc:
-        raise UserError(f"the model does not run on input {list(x.shape)} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); pass --input-size") from exc
+        raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                        f"{first_error_line(exc)}; give an input it takes (--input / --input-size)") from exc
     finally:
         for h in hooks:
             h.remove()
@@ -185,6 +189,50 @@ def _inner_shapes(layers, shapes: dict, other: dict | None) -> dict[str, tuple |
 # --------------------------------------------------------------------------- exporter
 
 
+class _FlatInputs(nn.Module):
+    """Calls ``model`` with the example's structure from a flat list of tensors (the ONNX inputs).
+
+    Positional inputs come first, then keyword inputs in the example's order; a list of
+    tensors (torchvision detection's images) is one entry per tensor.
+    """
+
+    def __init__(self, model: nn.Module, example: tuple) -> None:
+        super().__init__()
+        self.model = model
+        args, kwargs = example
+        self.layout = [("arg", None, len(a) if isinstance(a, list) else None) for a in args]
+        self.layout += [("kw", k, len(v) if isinstance(v, list) else None) for k, v in kwargs.items()]
+
+    def forward(self, *flat: torch.Tensor) -> Any:
+        args, kwargs, i = [], {}, 0
+        for where, key, n in self.layout:
+            value = list(flat[i:i + n]) if n is not None else flat[i]
+            i += n if n is not None else 1
+            if where == "arg":
+                args.append(value)
+            else:
+                kwargs[key] = value
+        return self.model(*args, **kwargs)
+
+
+def _plain(example: tuple) -> bool:
+    args, kwargs = example
+    return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+
+def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Batch on axis 0 of every input; sequence on axis 1 of integer (token) inputs."""
+    listed = isinstance(example[0][0], list) if example[0] else False
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(names, flat):
+        if listed and name.count(".") or t.dim() == 0:  # images of a list: [C, H, W], no batch axis
+            continue
+        axes[name] = {0: "batch"}
+        if t.dim() >= 2 and not t.dtype.is_floating_point and t.dtype != torch.bool:
+            axes[name][1] = "sequence"
+    return axes
+
+
 def _flat_outputs(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -195,7 +243,7 @@ def _flat_outputs(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _scope_of(module: nn.Module, example: torch.Tensor, op: str) -> str | None:
+def _scope_of(module: nn.Module, example: torch.Tensor | tuple, op: str) -> str | None:
     """Qualified name of the module whose forward calls ``op`` (from the traced graph's scopes)."""
     trace_mod = torch.jit._trace
     previous = getattr(trace_mod, "_trace_module_map", None)
@@ -204,7 +252,7 @@ def _scope_of(module: nn.Module, example: torch.Tensor, op: str) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph, _ = torch.jit._get_trace_graph(module, (example,))
+            graph, _ = torch.jit._get_trace_graph(module, example if isinstance(example, tuple) else (example,))
     except Exception:
         return None
     finally:
@@ -219,7 +267,7 @@ def _scope_of(module: nn.Module, example: torch.Tensor, op: str) -> str | None:
     return None
 
 
-def _export_error(exc: BaseException, opset: int, module: nn.Module, example: torch.Tensor) -> UserError:
+def _export_error(exc: BaseException, opset: int, module: nn.Module, example: torch.Tensor | tuple) -> UserError:
     """One line naming the op and the layer that calls it."""
     text = str(exc)
     m = re.search(r"operator '([\w:.]+)'", text) or re.search(r"kind '([\w:.]+)'", text)
@@ -257,14 +305,21 @@ def _quiet_exporter():
         torch._C._jit_set_onnx_log_enabled(False)
 
 
-def _torch_export(module: nn.Module, example: torch.Tensor, f: Any, opset: int, dynamic: bool, n_out: int) -> None:
+def _torch_export(module: nn.Module, example: torch.Tensor | tuple, f: Any, opset: int, dynamic: bool, n_out: int,
+                 input_names: list[str] | None = None, input_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export ``module(*example)``; ``input_axes`` are the inputs' dynamic axes (default batch on "input")."""
     names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic else None
+    example = example if isinstance(example, tuple) else (example,)
+    input_names = input_names or ["input"]
+    axes = None
+    if dynamic:
+        axes = dict(input_axes) if input_axes is not None else {"input": {0: "batch"}}
+        axes.update({n: {0: "batch"} for n in names})
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         try:
             torch.onnx.export(
-                module, (example,), f, input_names=["input"], output_names=names, dynamic_axes=axes,
+                module, example, f, input_names=input_names, output_names=names, dynamic_axes=axes,
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         except Exception as exc:
@@ -358,7 +413,7 @@ def _source(model: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _metadata(model, layers, choices, layout, shape, dynamic, opset) -> dict[str, str]:
+def _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs=None) -> dict[str, str]:
     rows = []
     for name, m in layers:
         rows.append({"name": name, "type": type(m).__name__, "layout": choices[name], "graph_hash": m.graph.hash(),
@@ -373,6 +428,8 @@ def _metadata(model, layers, choices, layout, shape, dynamic, opset) -> dict[str
         "input_shape": json.dumps(["batch" if dynamic else shape[0], *shape[1:]]),
         "opset": str(opset),
     }
+    if inputs is not None:
+        meta["inputs"] = json.dumps(inputs, separators=(",", ":"))
     spec = getattr(model, "_xsurgery_spec", None)
     if spec is not None:
         meta["surgery"] = json.dumps(spec, sort_keys=True)
@@ -385,7 +442,7 @@ def read_metadata(path: str) -> dict[str, Any]:
 
     props = {p.key[len(_META):]: p.value for p in onnx.load(path, load_external_data=False).metadata_props
              if p.key.startswith(_META)}
-    for k in ("layers", "input_shape", "surgery"):
+    for k in ("layers", "input_shape", "surgery", "inputs"):
         if k in props:
             props[k] = json.loads(props[k])
     return props
@@ -394,10 +451,20 @@ def read_metadata(path: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- export
 
 
-def _input_size(model: nn.Module, input_size) -> tuple[int, ...]:
-    from .surgery import normalize_input_size
+def _to_cpu(example: tuple) -> tuple:
+    def cpu(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.detach().cpu()
+        if isinstance(v, (list, tuple)):
+            return type(v)(cpu(t) for t in v)
+        return v
 
-    return tuple(normalize_input_size(input_size, model))
+    args, kwargs = example
+    return tuple(cpu(a) for a in args), {k: cpu(v) for k, v in kwargs.items()}
+
+
+def _feed(names: list[str], tensors: list[torch.Tensor]) -> dict[str, Any]:
+    return {n: t.numpy() for n, t in zip(names, tensors)}
 
 
 def _errors(ref: list[torch.Tensor], got: list) -> tuple[float, float, float]:
@@ -405,9 +472,14 @@ def _errors(ref: list[torch.Tensor], got: list) -> tuple[float, float, float]:
     if len(ref) != len(got):
         raise UserError(f"the ONNX model has {len(got)} outputs, torch {len(ref)}")
     abs_err, scale = 0.0, 0.0
-    for r, g in zip(ref, got):
+    for i, (r, g) in enumerate(zip(ref, got)):
         r64 = r.detach().double()
         g64 = torch.from_numpy(g).double()
+        # max() would drop a NaN silently (max(0.0, nan) is 0.0): refuse it outright
+        for who, t in (("torch", r64), ("ONNX Runtime", g64)):
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"{who}'s output {i} holds NaN/inf on the verification input, so nothing can be "
+                                f"verified; check the weights (or pass --no-verify to export unverified)")
         if g64.shape != r64.shape:
             raise UserError(f"ONNX output shape {tuple(g64.shape)} differs from torch's {tuple(r64.shape)}")
         abs_err = max(abs_err, (g64 - r64).abs().max().item() if r64.numel() else 0.0)
@@ -416,11 +488,38 @@ def _errors(ref: list[torch.Tensor], got: list) -> tuple[float, float, float]:
     return abs_err, scale, rel
 
 
+def _constant(outputs: list[torch.Tensor], first: list[torch.Tensor]) -> bool:
+    """True when every output is the same for every input row (of the verification batch
+    and of the first example): such a comparison checks nothing about the layers."""
+    for o, f in zip(outputs, first):
+        if o.dim() == 0 or o.shape[0] == 0 or f.dim() == 0 or f.shape[0] == 0:
+            return False
+        row = f[:1].detach()
+        if o.shape[1:] != row.shape[1:] or not torch.equal(o.detach(), row.expand_as(o)):
+            return False
+    return True
+
+
+def _perturbed(model: nn.Module, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """A copy whose all-zero floating parameters (a zero-initialised head, as torchvision's
+    ViT) hold small random values, so its outputs depend on the input."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    filled = []
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.is_floating_point() and p.numel() and not bool(p.any()):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+                filled.append(name)
+    return out, filled
+
+
 def export_onnx(
     model: nn.Module,
     path: str,
     *,
     input_size=None,
+    example_inputs: Any = None,
     layout: str = "auto",
     opset: int | None = None,
     static_batch: int | None = None,
@@ -431,13 +530,20 @@ def export_onnx(
     force: bool = False,
     threads: int | None = None,
     verbose: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ExportResult:
     """Export ``model`` (X-layers or none) to ONNX, check it, verify it in ORT, write ``path``.
 
     Args:
         model: any module the TorchScript exporter handles; not modified.
         path: output ``.onnx`` file, written atomically (temp file + rename) only on success.
-        input_size: ``H``, ``(H, W)`` or ``(C, H, W)``; default the model's own.
+        input_size: ``H``, ``(H, W)`` or ``(C, H, W)`` (the feature size / length for models
+            starting with a Linear / Conv1d / Embedding); default the model's own example.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (or ``--input`` spec strings): the ONNX inputs, named after ``forward``'s parameters
+            or the dict keys (a lone tensor is ``input``), with their dtypes; axis 0 is a
+            dynamic batch and axis 1 of integer inputs a dynamic sequence. The verification
+            runs at twice the batch and half the sequence length.
         layout: ``gather``, ``dense`` or ``auto`` (time both per layer, keep the faster).
         opset: ONNX opset (default :data:`DEFAULT_OPSET`).
         static_batch: fix the batch size to this; default a dynamic batch axis.
@@ -448,10 +554,16 @@ def export_onnx(
         force: overwrite an existing ``path``.
         threads: ORT intra-op threads for timing and verification (default: ORT's).
         verbose: print per-layer choices, errors and latencies.
+        allow_nonfinite: export NaN/inf weights instead of refusing them (verification
+            still fails on non-finite outputs; pass ``verify=False`` too).
+
+    Verification fails on NaN/inf in either output. When the outputs are the same for every
+    input (a zero-initialised head), it says so and verifies a copy whose all-zero
+    parameters are filled randomly, exported with the same layouts.
 
     Raises:
-        UserError: bad arguments, an op without an ONNX form (named with its layer), or a
-            verification above tolerance (no file is left behind).
+        UserError: bad arguments, non-finite weights, an op without an ONNX form (named
+            with its layer), or a verification above tolerance (no file is left behind).
     """
     try:
         import onnx
@@ -475,24 +587,55 @@ def export_onnx(
     if not os.path.isdir(folder):
         raise UserError(f"output folder {folder} does not exist")
 
+    from ._inputs import describe, flat_tensors, input_names, resample, resolve
+
     base = copy.deepcopy(model).cpu().eval()
+    if not allow_nonfinite:
+        from ._manifest import check_finite
+
+        check_finite({**dict(base.named_parameters()), **dict(base.named_buffers())}, "export")
     layers = _x_layers(base)
-    shape = (int(static_batch or 1), *_input_size(model, input_size))
+    example = resolve(base, example_inputs, input_size, batch=int(static_batch or 1))
+    if example is None:
+        raise UserError("export needs an example input for this model: pass --input SHAPE[:DTYPE] (or "
+                        "--input-size; example_inputs= in Python)")
+    example = _to_cpu(example)
     dynamic = static_batch is None
-    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(dtype)
+    flat = flat_tensors(example)
+    in_names = input_names(base, example)
+    in_axes = _dynamic_axes(example, in_names, flat)
+    shape = tuple(flat[0].shape)
     names = [n for n, _ in layers]
-    out, shapes = _run_recording(base, x, names)
+    out, shapes = _run_recording(base, example, names)
     n_out = len(_flat_outputs(out))
     if n_out == 0:
         raise UserError("the model returns no tensors; nothing to export")
-    # the verification input, at twice the batch of a dynamic export to exercise its batch axis
-    xv = torch.randn((2 * shape[0] if dynamic else shape[0], *shape[1:]), generator=gen).to(dtype)
+    # the verification input: twice the batch and half the sequence of a dynamic export, to
+    # exercise its dynamic axes
+    by_name = dict(zip(in_names, flat))
+
+    def verify_shape(name: str, t: torch.Tensor) -> list[int]:
+        key = next((n for n, v in by_name.items() if v is t), None)
+        new = list(t.shape)
+        for axis in in_axes.get(key, {}) if dynamic else {}:
+            new[axis] = 2 * new[axis] if axis == 0 else max(1, new[axis] // 2)
+        return new
+
+    example_v = resample(example, seed=1, shape_fn=verify_shape)
     ref, shapes_v = None, None
     if verify or (dynamic and any(isinstance(m, XLinear) for _, m in layers)):
-        ref, shapes_v = _run_recording(base, xv, names)
+        ref, shapes_v = _run_recording(base, example_v, names)
     inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
+    x = tuple(flat)
+    exported = base if _plain(example) else _FlatInputs(base, example)
+    prefix = "" if _plain(example) else "model."
+
+    def with_layouts(choice: dict[str, str]) -> nn.Module:
+        return _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
+                             {prefix + k: v for k, v in inner.items()})
+
+    def export_to(module: nn.Module, f: Any) -> None:
+        _torch_export(module, x, f, opset, dynamic, n_out, in_names, in_axes)
 
     timings: dict[str, dict[str, float]] = {}
     if layout == "auto" and layers:
@@ -502,17 +645,17 @@ def export_onnx(
         choices = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
 
     result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
-                          input_shape=shape, dynamic_batch=dynamic, opset=opset)
+                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        _torch_export(_with_layouts(base, choices, inner), x, tmp, opset, dynamic, n_out)
-        feed = {"input": x.numpy()}
+        export_to(with_layouts(choices), tmp)
+        feed = _feed(in_names, flat)
         need_dense = benchmark or (layout == "auto" and "gather" in choices.values())
         dense_sess = None
         if need_dense:
             dense_bytes = io.BytesIO()
-            _torch_export(_with_layouts(base, dict.fromkeys(choices, "dense"), inner), x, dense_bytes, opset, dynamic, n_out)
+            export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
             dense_sess = _session(dense_bytes.getvalue(), threads)
         if layout == "auto" and "gather" in choices.values():
             # layers timed alone miss cache effects between them: the whole model decides
@@ -522,7 +665,7 @@ def export_onnx(
             if "dense" in choices.values():
                 gather_bytes = io.BytesIO()
                 all_gather = dict.fromkeys(choices, "gather")
-                _torch_export(_with_layouts(base, all_gather, inner), x, gather_bytes, opset, dynamic, n_out)
+                export_to(with_layouts(all_gather), gather_bytes)
                 candidates["all-gather"] = all_gather
                 sessions.append(_session(gather_bytes.getvalue(), threads))
             times = _time_sessions(sessions, feed, budget_s=MODEL_TIMING_S)
@@ -534,10 +677,11 @@ def export_onnx(
             if best:
                 choices = list(candidates.values())[best]
                 result.layers = choices
-                _torch_export(_with_layouts(base, choices, inner), x, tmp, opset, dynamic, n_out)
+                export_to(with_layouts(choices), tmp)
 
         proto = onnx.load(tmp)
-        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset).items():
+        inputs = describe(base, example) if not _plain(example) else None
+        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, tmp)
@@ -549,10 +693,31 @@ def export_onnx(
 
         sess = _session(tmp, threads)
         if verify:
-            vb = xv.shape[0]
-            abs_err, scale, rel = _errors(_flat_outputs(ref), sess.run(None, {"input": xv.numpy()}))
+            from ._inputs import call
+
+            flat_v = flat_tensors(example_v)
+            vb = list(flat_v[0].shape)
+            flat_ref, got = _flat_outputs(ref), sess.run(None, _feed(in_names, flat_v))
+            if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
+                vmodel, filled = _perturbed(base)
+                with torch.no_grad():
+                    flat_ref = _flat_outputs(call(vmodel, example_v))
+                    still = _constant(flat_ref, _flat_outputs(call(vmodel, example)))
+                if not filled or still:
+                    raise UserError("the model's outputs are the same for every input, so verification compares "
+                                    "nothing; check the weights (or pass --no-verify to export unverified)")
+                log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
+                    f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
+                vexported = vmodel if _plain(example) else _FlatInputs(vmodel, example)
+                vbytes = io.BytesIO()
+                _torch_export(_with_layouts(vexported, {prefix + k: v for k, v in choices.items()},
+                                            {prefix + k: v for k, v in inner.items()}),
+                              x, vbytes, opset, dynamic, n_out, in_names, in_axes)
+                got = _session(vbytes.getvalue(), threads).run(None, _feed(in_names, flat_v))
+                result.verified_on = "perturbed copy: " + ", ".join(filled)
+            abs_err, scale, rel = _errors(flat_ref, got)
             result.max_abs_err, result.max_rel_err = abs_err, rel
-            log(f"verification (batch {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
+            log(f"verification (input {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
                 f"(relative to max|output| = {scale:.3g})")
             if not abs_err <= atol + rtol * scale:
                 raise UserError(f"ONNX Runtime output differs from torch: max abs err {abs_err:.3g} > "
@@ -575,13 +740,15 @@ def export_onnx(
 
 
 def _cmd_export(args) -> int:
-    from ._sources import create_model
+    from ._args import load_options
+    from .checkpoint import resolve_model
 
-    model = create_model(args.model, args.model_kwargs, args.pretrained)
+    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
         model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
         benchmark=args.benchmark, force=args.force, threads=args.threads, verbose=not args.json,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
         print(json.dumps({**asdict(res), "latency_ratio": res.latency_ratio}, indent=1))
@@ -590,7 +757,7 @@ def _cmd_export(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery export MODEL -o OUT.onnx``."""
-    from .cli import add_model_args
+    from ._args import add_model_args
 
     p = subparsers.add_parser("export", help="export to ONNX (Gather + grouped Conv), verified in ONNX Runtime")
     add_model_args(p, checkpoint_ok=True)

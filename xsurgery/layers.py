@@ -21,17 +21,25 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 
 from .graphs import BipartiteGraph, build_graph, degree_for
 
 __all__ = [
     "EXECUTIONS",
+    "X_CONVS",
+    "X_LAYERS",
+    "XConv1d",
     "XConv2d",
+    "XConv3d",
     "XLinear",
     "auto_execution",
     "dense_weight",
+    "is_conv1d_linear",
+    "x_conv1d",
     "x_conv2d",
+    "x_conv3d",
+    "x_convnd",
     "x_linear",
 ]
 
@@ -67,14 +75,17 @@ def dense_weight(weight: torch.Tensor, index: torch.Tensor, in_features: int, bl
     return dense.scatter(1, rows, weight)
 
 
-def _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode):
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv(x, weight, bias, stride, padding, dilation, groups, padding_mode, dims):
     if padding_mode != "zeros":
-        x = F.pad(x, padding, mode=padding_mode)  # padding here is the 4-tuple F.pad wants
+        x = F.pad(x, padding, mode=padding_mode)  # padding here is the 2N-tuple F.pad wants
         padding = 0
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _CONV_FN[dims](x, weight, bias, stride, padding, dilation, groups)
 
 
-def x_conv2d(
+def x_convnd(
     x: torch.Tensor,
     weight: torch.Tensor,
     index: torch.Tensor,
@@ -88,28 +99,47 @@ def x_conv2d(
     padding_mode: str = "zeros",
     skip_gather: bool = False,
     in_features: int | None = None,
+    dims: int | None = None,
 ) -> torch.Tensor:
-    """Functional X-conv.
+    """Functional X-conv in 1, 2 or 3 spatial dims.
 
     Args:
-        x: ``[N, C_in, H, W]``.
-        weight: compact ``[C_out, D, kh, kw]``.
+        x: ``[N, C_in, *spatial]``.
+        weight: compact ``[C_out, D, *kernel]``.
         index: flat ``[G * D]`` gathered input channels.
         blocks: G.
         execution: ``gather`` or ``masked`` (same math).
-        padding_mode: as ``nn.Conv2d``; for non-``zeros`` modes ``padding`` is the F.pad
-            4-tuple.
+        padding_mode: as ``nn.ConvNd``; for non-``zeros`` modes ``padding`` is the F.pad
+            2N-tuple.
         skip_gather: the index is the identity, so ``gather`` may skip ``index_select``.
         in_features: C_in for ``masked`` (default ``x.shape[1]``; a constant traces better).
+        dims: spatial dims N (default ``weight.dim() - 2``; give it where ``weight`` is a
+            tracing proxy).
     """
+    dims = dims or weight.dim() - 2
     if execution == "gather":
         if not skip_gather:
             x = x.index_select(1, index)
-        return _conv(x, weight, bias, stride, padding, dilation, blocks, padding_mode)
+        return _conv(x, weight, bias, stride, padding, dilation, blocks, padding_mode, dims)
     if execution == "masked":
         w = dense_weight(weight, index, in_features or x.shape[1], blocks)
-        return _conv(x, w, bias, stride, padding, dilation, 1, padding_mode)
+        return _conv(x, w, bias, stride, padding, dilation, 1, padding_mode, dims)
     raise ValueError(f"unknown execution {execution!r}; use one of {EXECUTIONS}")
+
+
+def x_conv1d(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """:func:`x_convnd` on ``[N, C_in, L]`` with a ``[C_out, D, k]`` weight."""
+    return x_convnd(x, weight, index, *args, dims=1, **kwargs)
+
+
+def x_conv2d(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """:func:`x_convnd` on ``[N, C_in, H, W]`` with a ``[C_out, D, kh, kw]`` weight."""
+    return x_convnd(x, weight, index, *args, dims=2, **kwargs)
+
+
+def x_conv3d(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """:func:`x_convnd` on ``[N, C_in, T, H, W]`` with a ``[C_out, D, kt, kh, kw]`` weight."""
+    return x_convnd(x, weight, index, *args, dims=3, **kwargs)
 
 
 def x_linear(
@@ -201,7 +231,7 @@ class _XBase(nn.Module):
         if self.execution != "auto":
             return self.execution
         kind = "linear" if isinstance(self, XLinear) else (
-            "pointwise" if tuple(self.kernel_size) == (1, 1) else "conv")
+            "pointwise" if all(k == 1 for k in self.kernel_size) else "conv")
         return auto_execution(self.blocks, self.out_features, self.degree, self.in_features,
                               device or self.index.device, kind)
 
@@ -241,12 +271,12 @@ def _graph_repr(m: _XBase) -> str:
     return f"degree={m.degree}, blocks={m.blocks}, graph={m.graph_name}"
 
 
-class XConv2d(_XBase):
-    """Expander-sparse ``nn.Conv2d``: each output channel reads ``degree`` input channels.
+class _XConvNd(_XBase):
+    """Expander-sparse ``nn.ConvNd`` (N = ``_dims``): each output channel reads ``degree`` inputs.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
-            padding_mode: as ``nn.Conv2d`` (no ``groups``: grouped sources are not converted).
+            padding_mode: as ``nn.ConvNd`` (no ``groups``: grouped sources are not converted).
         degree: inputs per output D; or give ``compress`` (D = C_in // compress).
         compress: target compression C >= 1.
         mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv.
@@ -256,6 +286,9 @@ class XConv2d(_XBase):
         blocks: explicit G (overrides ``mixing``).
         execution: ``auto``, ``gather`` or ``masked``.
     """
+
+    _dims: int = 2
+    _dense_cls: type[nn.modules.conv._ConvNd] = nn.Conv2d
 
     def __init__(
         self,
@@ -281,12 +314,13 @@ class XConv2d(_XBase):
         super().__init__()
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
+        tup = _ntuple(self._dims)
         self.in_channels = self.in_features = int(in_channels)
         self.out_channels = self.out_features = int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = tup(kernel_size)
+        self.stride = tup(stride)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self.dilation = tup(dilation)
         self.padding_mode = padding_mode
         self._init_graph(in_channels, out_channels, degree, compress, mixing, graph, seed, blocks, execution)
         factory = {"device": device, "dtype": dtype}
@@ -297,14 +331,14 @@ class XConv2d(_XBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He (Kaiming normal, ReLU gain) with fan_in = D * kh * kw, the inputs each output reads.
+        """He (Kaiming normal, ReLU gain) with fan_in = D * prod(kernel), the inputs each output reads.
 
         Variance-preserving like torchvision's and timm's conv init, so activations keep their
-        scale through deep X-networks; the bias as nn.Conv2d's with the same fan_in.
+        scale through deep X-networks; the bias as nn.ConvNd's with the same fan_in.
         """
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.degree * self.kernel_size[0] * self.kernel_size[1])
+            bound = 1 / math.sqrt(self.degree * math.prod(self.kernel_size))
             nn.init.uniform_(self.bias, -bound, bound)
 
     def _padding_args(self):
@@ -312,26 +346,28 @@ class XConv2d(_XBase):
             return self.padding
         if isinstance(self.padding, str):
             raise ValueError("string padding needs padding_mode='zeros'")
-        ph, pw = self.padding
-        return (pw, pw, ph, ph)
+        # F.pad wants (last-dim left, last-dim right, ..., first-dim left, first-dim right)
+        return tuple(p for pad in reversed(self.padding) for p in (pad, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         execution = self.resolved_execution()  # from the buffer's device: under fx, x is a Proxy
         if execution == "masked" and (w := self._cached_dense(x)) is not None:
-            return _conv(x, w, self.bias, self.stride, self._padding_args(), self.dilation, 1, self.padding_mode)
-        return x_conv2d(
+            return _conv(x, w, self.bias, self.stride, self._padding_args(), self.dilation, 1, self.padding_mode,
+                         self._dims)
+        return x_convnd(
             x, self.weight, self.index, self.bias, self.stride, self._padding_args(), self.dilation,
             blocks=self.blocks, execution=execution, padding_mode=self.padding_mode,
-            skip_gather=self._identity, in_features=self.in_channels,
+            skip_gather=self._identity, in_features=self.in_channels, dims=self._dims,
         )
 
     def extra_repr(self) -> str:
+        ones, zeros = (1,) * self._dims, (0,) * self._dims
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-        if self.stride != (1, 1):
+        if self.stride != ones:
             s += f", stride={self.stride}"
-        if self.padding != (0, 0):
+        if self.padding != zeros:
             s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
+        if self.dilation != ones:
             s += f", dilation={self.dilation}"
         if self.bias is None:
             s += ", bias=False"
@@ -342,7 +378,7 @@ class XConv2d(_XBase):
     @classmethod
     def from_dense(
         cls,
-        conv: nn.Conv2d,
+        conv: nn.modules.conv._ConvNd,
         *,
         compress: float | None = None,
         degree: int | None = None,
@@ -352,14 +388,16 @@ class XConv2d(_XBase):
         blocks: int | None = None,
         init: str = "kaiming",
         execution: str = "auto",
-    ) -> XConv2d:
-        """Build from a dense ``nn.Conv2d`` (``groups == 1``) with the same hyper-parameters.
+    ) -> _XConvNd:
+        """Build from a dense ``nn.ConvNd`` of the same N (``groups == 1``) with the same hyper-parameters.
 
         ``init="keep"`` copies the dense weights of the kept connections; ``"kaiming"``
         draws fresh ones.
         """
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-            raise ValueError("XConv2d.from_dense needs an nn.Conv2d with groups=1 (grouped/depthwise convs are not converted)")
+        want = cls._dense_cls.__name__
+        if not isinstance(conv, cls._dense_cls) or conv.groups != 1:
+            raise ValueError(f"{cls.__name__}.from_dense needs an nn.{want} with groups=1 "
+                             f"(grouped/depthwise convs are not converted)")
         _check_init(init)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -371,15 +409,53 @@ class XConv2d(_XBase):
             _keep_weights(layer, conv)
         return layer
 
-    def to_dense(self) -> nn.Conv2d:
-        """The equivalent plain ``nn.Conv2d`` (zeros where no connection exists)."""
-        conv = nn.Conv2d(
+    def to_dense(self) -> nn.modules.conv._ConvNd:
+        """The equivalent plain ``nn.ConvNd`` (zeros where no connection exists)."""
+        conv = self._dense_cls(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
             device=self.weight.device, dtype=self.weight.dtype,
         )
         _copy_dense(self, conv)
         return conv
+
+
+class XConv1d(_XConvNd):
+    """Expander-sparse ``nn.Conv1d`` on ``[N, C, L]``; arguments as :class:`XConv2d`."""
+
+    _dims = 1
+    _dense_cls = nn.Conv1d
+
+
+class XConv2d(_XConvNd):
+    """Expander-sparse ``nn.Conv2d``: each output channel reads ``degree`` input channels.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+            padding_mode: as ``nn.Conv2d`` (no ``groups``: grouped sources are not converted).
+        degree: inputs per output D; or give ``compress`` (D = C_in // compress).
+        compress: target compression C >= 1.
+        mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv.
+        graph: construction name (``random``, ``cayley``, ``grouped``, ``exact``) or a
+            prebuilt :class:`~xsurgery.graphs.BipartiteGraph`.
+        seed: seed of the graph construction.
+        blocks: explicit G (overrides ``mixing``).
+        execution: ``auto``, ``gather`` or ``masked``.
+    """
+
+    _dims = 2
+    _dense_cls = nn.Conv2d
+
+
+class XConv3d(_XConvNd):
+    """Expander-sparse ``nn.Conv3d`` on ``[N, C, T, H, W]``; arguments as :class:`XConv2d`."""
+
+    _dims = 3
+    _dense_cls = nn.Conv3d
+
+
+X_CONVS: dict[type[nn.Module], type[_XConvNd]] = {nn.Conv1d: XConv1d, nn.Conv2d: XConv2d, nn.Conv3d: XConv3d}
+X_LAYERS = (XConv1d, XConv2d, XConv3d)  # extended with XLinear below
 
 
 class XLinear(_XBase):
@@ -448,17 +524,24 @@ class XLinear(_XBase):
         init: str = "kaiming",
         execution: str = "auto",
     ) -> XLinear:
-        """Build from a dense ``nn.Linear``; ``init`` as :meth:`XConv2d.from_dense`."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError("XLinear.from_dense needs an nn.Linear")
+        """Build from a dense ``nn.Linear`` (or transformers' ``Conv1D``, a linear whose weight is
+        stored ``[in, out]``); ``init`` as :meth:`XConv2d.from_dense`."""
+        if is_conv1d_linear(linear):
+            cin, cout = linear.weight.shape
+            weight_oi = linear.weight.t()
+        elif isinstance(linear, nn.Linear):
+            cin, cout, weight_oi = linear.in_features, linear.out_features, linear.weight
+        else:
+            raise ValueError("XLinear.from_dense needs an nn.Linear or a transformers Conv1D")
         _check_init(init)
+        bias = getattr(linear, "bias", None)
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, degree=degree,
+            cin, cout, bias is not None, degree=degree,
             compress=compress, mixing=mixing, graph=graph, seed=seed, blocks=blocks,
             execution=execution, device=linear.weight.device, dtype=linear.weight.dtype,
         )
         if init == "keep":
-            _keep_weights(layer, linear)
+            _keep_weights(layer, weight_oi, bias)
         return layer
 
     def to_dense(self) -> nn.Linear:
@@ -469,6 +552,8 @@ class XLinear(_XBase):
         return lin
 
 
+X_LAYERS = (*X_LAYERS, XLinear)  # every X-layer class: isinstance checks use this
+
 INITS = ("kaiming", "keep")
 
 
@@ -477,16 +562,29 @@ def _check_init(init: str) -> None:
         raise ValueError(f"unknown init {init!r}; use one of {INITS}")
 
 
+def is_conv1d_linear(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): ``y = x @ W + b`` with ``W`` stored ``[in, out]``.
+
+    Recognised by class name and module path so that transformers is never imported here.
+    """
+    cls = type(m)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)
+
+
 @torch.no_grad()
-def _keep_weights(layer: _XBase, dense: nn.Module) -> None:
+def _keep_weights(layer: _XBase, dense, bias: torch.Tensor | None = None) -> None:
+    """Copy the kept connections of ``dense`` (a module, or its ``[out, in, ...]`` weight)."""
+    if isinstance(dense, nn.Module):
+        dense, bias = dense.weight, dense.bias
     rows = layer.index.view(layer.blocks, 1, layer.degree)
     rows = rows.expand(layer.blocks, layer.out_features // layer.blocks, layer.degree)
     rows = rows.reshape(layer.out_features, layer.degree)
-    w = dense.weight
+    w = dense
     rows = rows.view(*rows.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
     layer.weight.copy_(w.gather(1, rows))
     if layer.bias is not None:
-        layer.bias.copy_(dense.bias)
+        layer.bias.copy_(bias)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from torch import nn
 from ._errors import UserError
 from ._fx import Trace, fallback_roles, trace_roles
 from .graphs import BipartiteGraph, build_graph, choose_blocks, degree_for, layer_seed, list_graphs
-from .layers import EXECUTIONS, INITS, XConv2d, XLinear
+from .layers import EXECUTIONS, INITS, X_CONVS, XLinear, is_conv1d_linear
 
 __all__ = ["KINDS", "LayerRule", "SurgerySpec", "apply_surgery", "convert", "decide", "load_plan"]
 
@@ -194,20 +194,85 @@ class Decision:
 
 # ---------------------------------------------------------------------------- decisions
 
-# nn.Conv2d / nn.Linear subclasses with the same forward (safe to replace)
+# nn.ConvNd / nn.Linear subclasses with the same forward (safe to replace)
 _SAME_FORWARD = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "timm.layers.linear.Linear"}
+_CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _same_forward(m: nn.Module) -> bool:
+    """The module computes what its torch base class does (safe to replace by an X-layer).
+
+    A subclass that only changes ``__init__`` (torchvision's ``Conv3DSimple``) qualifies; one
+    that overrides ``forward`` / ``_conv_forward`` (timm's ``StdConv2d``) does not, unless
+    known to compute the same.
+    """
+    cls = type(m)
+    if cls in _CONVERTIBLE or is_conv1d_linear(m) or _qualname(cls) in _SAME_FORWARD:
+        return True
+    base = next(b for b in _CONVERTIBLE if isinstance(m, b))
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
+def is_layer_candidate(m: nn.Module) -> bool:
+    """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
+    return isinstance(m, _CONVERTIBLE) or is_conv1d_linear(m)
+
+
 def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or is_conv1d_linear(m):
         return "linear"
     if m.groups > 1:
         return "depthwise" if m.groups == m.in_channels else "grouped"
-    return "pointwise" if tuple(m.kernel_size) == (1, 1) else "conv"
+    return "pointwise" if all(k == 1 for k in m.kernel_size) else "conv"
+
+
+def _shape(m: nn.Module) -> tuple[int, int, list[int] | None]:
+    """(C_in, C_out, kernel or None) of a candidate layer."""
+    if is_conv1d_linear(m):
+        cin, cout = m.weight.shape  # stored [in, out]
+        return int(cin), int(cout), None
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features, None
+    return m.in_channels, m.out_channels, list(m.kernel_size)
+
+
+def _weight_params(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """A module's own matrix/kernel parameters (``weight``, ``in_proj_weight``, ``weight_ih_l0``)."""
+    return [(n, p) for n, p in m._parameters.items()
+            if p is not None and p.dim() >= 2 and (n == "weight" or n.endswith("_weight") or n.startswith("weight_"))]
+
+
+def _other_reason(m: nn.Module) -> tuple[str, str]:
+    """(kind, reason) of a weight-carrying module the surgery has no X-layer for."""
+    name = type(m).__name__
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose", f"transposed conv ({name}) has no X-layer form"
+    if isinstance(m, nn.RNNBase):
+        return "recurrent", f"recurrent layer ({name}) has no X-layer form"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding", f"embedding ({name}) is a lookup, not a matmul"
+    if isinstance(m, nn.MultiheadAttention):
+        return "mha", "nn.MultiheadAttention reads in_proj_weight directly (F.multi_head_attention_forward)"
+    return "other", f"{name} has no X-layer form"
+
+
+def _shared_tensors(model: nn.Module) -> dict[str, list[str]]:
+    """``"module.param"`` -> the other modules holding the same tensor (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mname)
+    shared: dict[str, list[str]] = {}
+    for mname, m in model.named_modules():
+        for pname, p in m._parameters.items():
+            if p is not None and len(set(owners[id(p)])) > 1:
+                shared[f"{mname}.{pname}"] = [o for o in owners[id(p)] if o != mname]
+    return shared
 
 
 def _direct_weight_users(model: nn.Module) -> set[str]:
@@ -237,12 +302,18 @@ def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
 
 
 def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
-    """Decide, for every conv/linear layer, whether and how to convert it (no model change)."""
+    """Decide, for every weight-carrying module, whether and how to convert it (no model change).
+
+    Conv1d/2d/3d, Linear and transformers' ``Conv1D`` are candidates; every other module
+    with a weight matrix or kernel (ConvTranspose, RNNs, Embedding, MultiheadAttention, ...)
+    gets a decision ``converted=False`` with its reason. A layer whose weight or bias tensor
+    is shared with another module (tied embeddings) is never converted.
+    """
     trace = trace_roles(model)
     if not trace.ok:
         roles = fallback_roles(model)
         trace.stems, trace.classifiers = roles.stems, roles.classifiers
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, m in model.named_modules() if is_layer_candidate(m)]
     for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
         for p in pats:
             if not any(_match_any(n, [p]) for n in names):
@@ -251,18 +322,27 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         if not any(rule.matches(n) for n in names):
             raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
     direct = _direct_weight_users(model)
+    shared = _shared_tensors(model)
     decisions = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        if not is_layer_candidate(m):
+            weights = _weight_params(m)
+            if weights:
+                kind, reason = _other_reason(m)
+                w = weights[0][1]
+                decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
+                                          list(w.shape[2:]) or None))
             continue
         kind = _kind(m)
-        cin, cout = (m.in_features, m.out_features) if kind == "linear" else (m.in_channels, m.out_channels)
-        kernel = None if kind == "linear" else list(m.kernel_size)
+        cin, cout, kernel = _shape(m)
         d = Decision(name, kind, False, None, cin, cout, kernel)
         decisions.append(d)
         rule = _rule_for(name, spec.plan)
-        if type(m) not in (nn.Conv2d, nn.Linear) and _qualname(type(m)) not in _SAME_FORWARD:
+        tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
+        if not _same_forward(m):
             d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
+        elif tied:
+            d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif kind in ("depthwise", "grouped"):
             d.reason = f"{kind} conv (groups={m.groups}) is never converted"
         elif name in direct:
@@ -335,40 +415,43 @@ def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[
         if not d.converted:
             continue
         dense = modules[d.name]
-        cls = XLinear if d.kind == "linear" else XConv2d
+        cls = XLinear if d.kind == "linear" else next(x for c, x in X_CONVS.items() if isinstance(dense, c))
         layer = cls.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
         layer.train(dense.training)
         _swap(out, dense, layer)
+    _disable_fused_encoder(out)
     out._xsurgery_spec = spec.to_dict()
     return out, decisions, trace
 
 
-def _outputs_shapes(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return tuple(obj.shape)
-    if isinstance(obj, dict):
-        return {k: _outputs_shapes(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_outputs_shapes(v) for v in obj]
-    return type(obj).__name__
+def _disable_fused_encoder(model: nn.Module) -> None:
+    """Send converted ``nn.TransformerEncoderLayer``s down their regular (module-calling) path.
+
+    In eval, torch's fused fast path (``torch._transformer_encoder_layer_fwd``) reads
+    ``linear1.weight`` / ``linear2.weight`` / ``self_attn.out_proj.weight`` as dense matrices
+    instead of calling the modules, which an X-layer's compact weight is not. The layer takes
+    the fast path only when ``activation_relu_or_gelu`` is set (torch stashes the activation
+    there for that check alone), and the encoder builds nested tensors only when
+    ``use_nested_tensor``; clearing both gives the same math through the modules.
+    """
+    xs = tuple(X_CONVS.values()) + (XLinear,)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(isinstance(c, xs) for c in m.modules()):
+            m.activation_relu_or_gelu = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(c, xs) for c in m.modules()):
+            m.use_nested_tensor = False
 
 
 def normalize_input_size(input_size: int | Sequence[int] | None, model: nn.Module) -> tuple[int, ...]:
-    """``None`` -> the model's default; ``H`` or ``(H, W)`` -> ``(C, H, W)`` with the default C."""
-    from .analysis import default_input_size
+    """``None`` -> the model's default image size; else the per-sample shape ``input_size`` means
+    for this model (see :func:`xsurgery._inputs._shape_from_size`: image shorthand, or the
+    feature / sequence / clip shape when the first layer is a Linear, Embedding, Conv1d, Conv3d)."""
+    from ._inputs import _known_image_size, _shape_from_size
 
-    recorded = getattr(model, "_xsurgery_input_size", None)  # what convert used, kept in checkpoints
-    default = tuple(recorded) if recorded else tuple(default_input_size(model))
     if input_size is None:
-        return default
-    size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
-    if any(s < 1 for s in size) or len(size) not in (1, 2, 3):
-        raise UserError(f"--input-size takes H, H W or C H W with positive values, got {list(size)}")
-    if len(size) == 1:
-        return (default[0], size[0], size[0])
-    if len(size) == 2:
-        return (default[0], *size)
-    return size
+        return _known_image_size(model)
+    return _shape_from_size(model, input_size)[0]
 
 
 def convert(
@@ -392,6 +475,8 @@ def convert(
     model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     check: bool = True,
+    allow_none: bool = False,
+    example_inputs: Any = None,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
 
@@ -412,19 +497,30 @@ def convert(
         min_channels: skip layers with fewer input channels.
         plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
         execution: ``auto``, ``gather`` or ``masked``.
-        input_size: for the check forward and the report (default: the model's own).
+        input_size: shorthand for a float example of this per-sample shape: ``H``, ``(H, W)``
+            or ``(C, H, W)`` for image models; the feature shape when the first layer is an
+            ``nn.Linear`` (``40`` -> ``[1, 40]``), a length for Conv1d / embedding models.
         model_kwargs: factory kwargs when ``model`` is a name.
         pretrained: ask for the library's weights when ``model`` is a name.
-        check: run original and converted once and compare output shapes.
+        check: run original and converted on the example and compare the outputs' structure
+            (see :func:`check_outputs`); ``False`` skips it.
+        example_inputs: what the model runs on for the check and the report: a tensor, a
+            tuple of positional inputs or a dict of keyword inputs (real dtypes and devices),
+            or ``--input`` spec strings. Default: the model family's own example
+            (:func:`xsurgery._inputs.default_example`); a model of no known family is
+            converted by structure alone and its report has no MACs.
+        allow_none: accept a surgery that converts no layer (otherwise a :class:`UserError`).
 
     Returns:
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
-    from ._sources import create_model, is_checkpoint_path
+    from ._inputs import describe, per_sample_size
+    from ._inputs import resolve as resolve_example
+    from ._sources import create_model
     from .analysis import report as make_report
 
     if isinstance(model, str):
-        if is_checkpoint_path(model):
+        if model.endswith((".xs", ".safetensors")):
             raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
         name = model
         model = create_model(model, model_kwargs, pretrained)
@@ -442,33 +538,122 @@ def convert(
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
         plan=load_plan(plan), execution=execution,
     )
-    size = normalize_input_size(input_size, model)
+    example = resolve_example(model, example_inputs, input_size)
     converted, decisions, trace = apply_surgery(model, spec)
-    converted._xsurgery_input_size = list(size)
-    if check:
-        _check_forward(model, converted, size)
-    rep = make_report(converted, size, name=name, decisions=[d.to_dict() for d in decisions])
+    if not allow_none and not any(d.converted for d in decisions):
+        raise UserError(_none_converted(decisions))
+    if example is not None:
+        converted._xsurgery_inputs = describe(model, example)
+        if len(example[0]) == 1 and not example[1] and isinstance(example[0][0], torch.Tensor):
+            converted._xsurgery_input_size = per_sample_size(example)
+        if check:
+            check_outputs(model, converted, example)
+    rep = make_report(converted, example_inputs=example, name=name, decisions=[d.to_dict() for d in decisions])
     rep.method = "fx" if trace.ok else "module-swap"
     rep.trace_error = trace.error
     return converted, rep
 
 
+def _none_converted(decisions: Sequence[Decision]) -> str:
+    from collections import Counter
+
+    if not decisions:
+        return "the model has no conv/linear layer to convert; pass --allow-none (allow_none=True) to accept it unchanged"
+    reasons = Counter((d.reason or "").split(" (")[0] for d in decisions)
+    top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+    return (f"0 of {len(decisions)} layers converted ({top}); use --include/--plan to choose layers, "
+            f"or pass --allow-none (allow_none=True) to accept it unchanged")
+
+
+def _structure(obj: Any, lengths_vary: bool = False) -> Any:
+    """Tensors -> ``(dtype, shape, shape_is_data_dependent)``; containers keep their keys/lengths."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", str(obj.dtype).replace("torch.", ""), tuple(obj.shape), lengths_vary)
+    if isinstance(obj, dict):
+        return ("dict", {k: _structure(v, lengths_vary) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        # a list of dicts is per-image instance results (torchvision detection): their lengths
+        # depend on the scores, i.e. on the weights, which the surgery changes
+        per_instance = lengths_vary or (bool(obj) and all(isinstance(v, dict) for v in obj) and isinstance(obj, list))
+        return ("seq", [_structure(v, per_instance) for v in obj])
+    return ("other", type(obj).__name__)
+
+
+def _diff(ref: Any, ref2: Any, out: Any, path: str) -> str | None:
+    """First difference between the original's output structure and the converted one's."""
+    where = path or "output"
+    if ref[0] != out[0]:
+        return f"{where}: the original returns {ref[0] if ref[0] != 'other' else ref[1]}, the converted model " \
+               f"{out[0] if out[0] != 'other' else out[1]}"
+    if ref[0] == "tensor":
+        _, dtype, shape, varies = ref
+        if out[1] != dtype:
+            return f"{where}: dtype {out[1]} instead of {dtype}"
+        if len(out[2]) != len(shape):
+            return f"{where}: rank {len(out[2])} instead of {len(shape)} (shape {list(out[2])} vs {list(shape)})"
+        deterministic = not varies and ref2 is not None and ref2[0] == "tensor" and ref2[2] == shape
+        if deterministic and out[2] != shape:
+            return f"{where}: shape {list(out[2])} instead of {list(shape)}"
+        return None
+    if ref[0] == "dict":
+        if list(ref[1]) != list(out[1]):
+            return f"{where}: keys {list(out[1])} instead of {list(ref[1])}"
+        other = ref2[1] if ref2 is not None and ref2[0] == "dict" else {}
+        for k in ref[1]:
+            msg = _diff(ref[1][k], other.get(k), out[1][k], f"{path}[{k!r}]")
+            if msg:
+                return msg
+        return None
+    if ref[0] == "seq":
+        if len(ref[1]) != len(out[1]):
+            return f"{where}: {len(out[1])} items instead of {len(ref[1])}"
+        other = ref2[1] if ref2 is not None and ref2[0] == "seq" and len(ref2[1]) == len(ref[1]) else [None] * len(ref[1])
+        for i, (a, b, c) in enumerate(zip(ref[1], other, out[1])):
+            msg = _diff(a, b, c, f"{path}[{i}]")
+            if msg:
+                return msg
+        return None
+    return None if ref == out else f"{where}: {out[1]} instead of {ref[1]}"
+
+
 @torch.no_grad()
-def _check_forward(original: nn.Module, converted: nn.Module, size: tuple[int, ...]) -> None:
-    p = next(original.parameters(), None)
-    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(p.device if p is not None else "cpu")
-    was = original.training, converted.training
+def check_outputs(original: nn.Module, converted: nn.Module, example: tuple[tuple, dict]) -> None:
+    """Run both models (eval mode) on ``example`` and compare their outputs' structure.
+
+    Always compared: container types, dict keys, sequence lengths, tensor ranks and dtypes.
+    Exact shapes are compared only where the original's are deterministic: the original runs
+    a second time on fresh values of the same shapes (:func:`xsurgery._inputs.resample`), and
+    a tensor whose shape changed between the two runs, or that sits in a list of dicts
+    (torchvision detection's per-image boxes, whose counts depend on the scores and so on the
+    weights the surgery replaced), is compared by rank only.
+
+    Raises:
+        UserError: the original fails on the example (with the model's own first error line),
+            or the converted model fails or returns a different structure.
+    """
+    from ._inputs import call, first_error_line, resample, shapes_text
+
+    was = [(m, m.training) for model in (original, converted) for m in model.modules()]  # a frozen BN stays frozen
     original.eval()
     converted.eval()
     try:
         try:
-            ref = _outputs_shapes(original(x))
+            ref = _structure(call(original, example))
         except Exception as exc:
-            raise UserError(f"the original model does not run on input {list(size)} ({type(exc).__name__}); "
-                            f"pass --input-size") from exc
-        out = _outputs_shapes(converted(x))
+            raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                            f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
+        try:
+            ref2 = _structure(call(original, resample(example)))
+        except Exception:
+            ref2 = None  # fresh values broke it (e.g. ids out of a range it needs): trust no exact shape
+        try:
+            out = _structure(call(converted, example))
+        except Exception as exc:
+            raise UserError(f"the converted model fails on the example input ({first_error_line(exc)}); "
+                            f"exclude the layer involved (--exclude) or skip the check (--no-check)") from exc
     finally:
-        original.train(was[0])
-        converted.train(was[1])
-    if out != ref:
-        raise RuntimeError(f"converted model's output shapes {out} differ from the original's {ref}")
+        for m, training in was:
+            m.training = training
+    msg = _diff(ref, ref2, out, "")
+    if msg:
+        raise UserError(f"the converted model's output differs from the original's: {msg} (--no-check skips this check)")

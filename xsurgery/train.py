@@ -6,9 +6,14 @@ Outputs, in the recipe's output folder (rank 0 writes, every file atomically):
 
 * ``recipe.yaml``: the resolved recipe;
 * ``last.xs``: the model after the last finished epoch (:func:`xsurgery.checkpoint.save`);
-* ``train_state.safetensors`` + ``train_state.json``: optimizer tensors, RNG states, and the
-  scalars (epoch, step, metrics so far, digests of the two other files); no pickle;
+* ``train_state.json``: the commit point of the last finished epoch (scalars, metrics so far,
+  the digests of the epoch's files kept in ``.xsurgery/epoch-N/``: the model and
+  ``train_state.safetensors`` with optimizer tensors and RNG states); no pickle;
 * ``metrics.jsonl``: one JSON line per epoch.
+
+A kill at any instant leaves the last finished epoch intact (see :mod:`xsurgery._train_state`);
+the folder is locked while a run writes it, and files the run did not write are refused
+without ``--force`` (and never deleted).
 
 Determinism: every epoch reseeds torch/numpy/python from (seed, epoch, rank) and the sampler
 from (seed, epoch), so a resumed run repeats an uninterrupted one exactly on CPU.
@@ -17,6 +22,7 @@ from (seed, epoch), so a resumed run repeats an uninterrupted one exactly on CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -33,7 +39,7 @@ from torch import nn
 
 from ._errors import UserError
 from ._recipe import Recipe, ScheduleSpec, load_recipe, recipe_to_yaml
-from ._train_state import CHECKPOINT, Run, load_optim_state, set_rng_state, write_text
+from ._train_state import CHECKPOINT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
 __all__ = ["add_cli", "build_model", "lr_at", "train"]
 
@@ -170,6 +176,29 @@ def _check_resume(recipe: Recipe, run: Run) -> None:
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change); start again with --force")
 
 
+@torch.no_grad()
+def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, device) -> None:
+    """Before any step: the model must have an output per class of the dataset."""
+    if not len(dataset):
+        return
+    x = dataset[0][0]
+    was = model.training
+    model.eval()
+    try:
+        out = model(x[None].to(device))
+    except Exception as exc:
+        raise UserError(f"the model does not run on the data's input {list(x.shape)} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check data.input_size and "
+                        f"model.kwargs") from exc
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UserError(f"the model must return [batch, classes] logits, got {getattr(out, 'shape', type(out).__name__)}")
+    if out.shape[-1] < num_classes:
+        raise UserError(f"the model has {out.shape[-1]} outputs but {recipe.data.name} has {num_classes} classes; "
+                        f"set model.kwargs.num_classes={num_classes}")
+
+
 def _evaluate(model, loader, dist: _Dist, autocast, show: bool, num_classes: int) -> tuple[float, float, float]:
     model.eval()
     k = min(5, num_classes)
@@ -225,22 +254,27 @@ def train(
     run = Run(recipe.output_dir)
     if resume and force:
         raise UserError("--resume and --force exclude each other")
+    # rank 0 holds the folder's lock; the other ranks would see it as another run's
+    run.check_folder(resume=resume, force=force, check_lock=int(os.environ.get("RANK", "0")) == 0)
     if resume and not run.has_checkpoint():
-        raise UserError(f"nothing to resume: {run.folder} has no {CHECKPOINT}")
-    if not resume and not force and run.has_checkpoint():
-        raise UserError(f"{run.folder} already holds a run ({CHECKPOINT}); pass --resume to continue it "
-                        f"or --force to start over")
+        raise UserError(f"nothing to resume: {run.folder} has no finished epoch ({STATE_JSON})")
     if resume:
         _check_resume(recipe, run)
 
     dist = _Dist(device)
+    held = contextlib.ExitStack()
     try:
+        if dist.main:
+            held.enter_context(run.lock(force=force, log=lambda m: print(m, file=sys.stderr)))
+            if force:
+                run.clear()
         if recipe.batch_size % dist.world:
             raise UserError(f"batch_size {recipe.batch_size} is not divisible by the {dist.world} processes")
         show = dist.main and not quiet
         bars = show and sys.stderr.isatty()
         train_set, test_set, num_classes = build_datasets(recipe.data, recipe.seed)
         model = build_model(recipe).to(dist.device)
+        _check_outputs(model, test_set if len(test_set) else train_set, num_classes, recipe, dist.device)
         opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                               nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
         use_amp = amp
@@ -368,6 +402,7 @@ def train(
                 break
         return history
     finally:
+        held.close()
         dist.close()
 
 
