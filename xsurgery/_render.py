@@ -1,26 +1,29 @@
-"""Rendering for people: the report's layer table at any width, Markdown and CSV.
+"""Rendering for people: tables at any width, Markdown, CSV and JSON output.
 
 Counting lives in :mod:`xsurgery.analysis`; this module only reads a report's fields, so it
 works on a :class:`~xsurgery.analysis.Report` rebuilt from JSON as well.
 
 Width: a table is laid out for a target width (the terminal's; in a pipe or file ``COLUMNS``
-or 80, rich's convention; ``width=0``: no limit). Layer names are never cut: less important
-columns are merged, then dropped, in a fixed order until the table fits, and the table says
-which ones it left out. Whatever still does not fit runs past the width instead of being cut.
+or 80, rich's convention; ``width=0``: no limit, every column). Names are never cut: less
+important columns are merged, moved into notes under the table, then dropped, in a fixed order
+until the table fits, and the notes say what went where. A table that still does not fit runs
+past the width instead of being cut (a pipe never cuts anything).
 
-Collapsing: layers identical in everything but their name (and their graph's seed, so the
-spectral gap is shown as a range) whose names differ in one numeric part collapse into one
-row, ``layer3.[1-5].conv2  x5``, once a table has more than ``max_rows`` rows (default
-:data:`DEFAULT_MAX_ROWS`). A layer that differs in anything shown is never folded away.
+Collapsing: layers identical in everything shown but their name (the spectral gap, which
+depends on each graph's seed, is shown as a range) whose names differ in one numeric part
+collapse into one row, ``layer3.[1-5].conv2  x5``, once a table has more than ``max_rows``
+rows (default :data:`DEFAULT_MAX_ROWS`). A layer that differs in anything shown is never
+folded into another; an explicit ``max_rows`` also cuts the middle of what is left.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,9 +34,12 @@ __all__ = [
     "FORMATS",
     "Grid",
     "collapse_rows",
+    "emit",
+    "emit_grid",
+    "emit_json",
     "fit_grid",
+    "grid_lines",
     "human",
-    "print_grid",
     "render_report",
     "report_csv",
     "report_markdown",
@@ -41,8 +47,8 @@ __all__ = [
 
 DEFAULT_MAX_ROWS = 40
 FORMATS = ("table", "markdown", "csv", "json")
-NO_MACS = "—"
-_SEP = 3  # between columns: padding, the box's blank divider, padding
+NO_VALUE = "-"
+_SEP = "  "
 
 
 # --------------------------------------------------------------------------- numbers
@@ -51,7 +57,7 @@ _SEP = 3  # between columns: padding, the box's blank divider, padding
 def human(n: float | None, *, spaced: bool = False) -> str:
     """3 significant digits and a unit: ``25561896 -> '25.6M'`` (``spaced``: ``'25.56 M'``)."""
     if n is None:
-        return NO_MACS
+        return NO_VALUE
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             v = n / scale
@@ -85,10 +91,9 @@ class Grid:
         columns: header texts.
         rows: one list of cells per row (same length as ``columns``).
         right: headers of right-justified columns.
-        styles: per row a rich style (``None``: plain).
-        title: shown above a terminal table.
+        styles: per row a rich style (``None``: plain); only terminals show them.
+        title: shown above a terminal table and as a Markdown caption.
         notes: lines printed under it.
-        name_column: the column that is never cut or wrapped (layer names).
     """
 
     columns: list[str]
@@ -97,20 +102,22 @@ class Grid:
     styles: list[str | None] = field(default_factory=list)
     title: str | None = None
     notes: list[str] = field(default_factory=list)
-    name_column: int = 0
+
+    def widths(self) -> list[int]:
+        return [max([_cell_len(h)] + [_cell_len(r[i]) for r in self.rows]) for i, h in enumerate(self.columns)]
 
     def natural_width(self) -> int:
-        """Characters per line when nothing is cut (3 between columns)."""
-        widths = [max([_cell_len(h)] + [_cell_len(r[i]) for r in self.rows]) for i, h in enumerate(self.columns)]
-        return sum(widths) + _SEP * max(0, len(widths) - 1)
+        """Characters per line when nothing is cut."""
+        w = self.widths()
+        return sum(w) + len(_SEP) * max(0, len(w) - 1)
 
     def drop(self, header: str) -> Grid:
         """A copy without the column ``header`` (unchanged if there is none)."""
         if header not in self.columns:
             return self
         i = self.columns.index(header)
-        return Grid([c for c in self.columns if c != header], [r[:i] + r[i + 1:] for r in self.rows], self.right,
-                    self.styles, self.title, list(self.notes), self.name_column - (i < self.name_column))
+        return replace(self, columns=[c for c in self.columns if c != header],
+                       rows=[r[:i] + r[i + 1:] for r in self.rows], notes=list(self.notes))
 
     def markdown(self) -> str:
         """A GitHub Markdown table (``|`` in cells escaped)."""
@@ -120,6 +127,13 @@ class Grid:
         lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
         return "\n".join(lines)
 
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.columns)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
 
 def _cell_len(text: str) -> int:
     from rich.cells import cell_len
@@ -127,16 +141,20 @@ def _cell_len(text: str) -> int:
     return cell_len(text)
 
 
-def fit_grid(layouts: Sequence[Grid] | Callable[[int], Grid | None], width: int | None) -> Grid:
+def grid_lines(grid: Grid) -> list[str]:
+    """The grid as plain text lines (header, rule, rows), every cell whole."""
+    widths = grid.widths()
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if h in grid.right else c.ljust(w) for c, w, h in zip(cells, widths, grid.columns)]
+        return _SEP.join(out).rstrip()
+
+    return [line(grid.columns), "─" * grid.natural_width()] + [line(r) for r in grid.rows]
+
+
+def fit_grid(layouts: Sequence[Grid], width: int | None) -> Grid:
     """The first layout (most detailed first) whose natural width fits ``width`` (``0``/``None``:
     the first), else the narrowest one, which then runs past the width rather than cutting cells."""
-    if callable(layouts):
-        seq: list[Grid] = []
-        step = 0
-        while (g := layouts(step)) is not None:
-            seq.append(g)
-            step += 1
-        layouts = seq
     if not width:
         return layouts[0]
     for g in layouts:
@@ -145,28 +163,86 @@ def fit_grid(layouts: Sequence[Grid] | Callable[[int], Grid | None], width: int 
     return min(layouts, key=Grid.natural_width)
 
 
-def print_grid(grid: Grid, console=None) -> None:
-    """Print ``grid`` as a rich table at its natural width: nothing is cut or wrapped."""
-    from rich import box
+def _console(console=None):
     from rich.console import Console
-    from rich.table import Table
+
+    return console or Console()
+
+
+def _print_line(console, text: str, style: str | None = None, bold: bool = False) -> None:
     from rich.text import Text
 
-    console = console or Console()
-    natural = grid.natural_width()
-    table = Table(title=grid.title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
-                  collapse_padding=False, header_style="bold", title_justify="left")
-    for i, h in enumerate(grid.columns):
-        table.add_column(Text(h), justify="right" if h in grid.right else "left", no_wrap=True,
-                         overflow="ignore", min_width=None if i != grid.name_column else
-                         max([_cell_len(h)] + [_cell_len(r[i]) for r in grid.rows]))
+    t = Text(text, style=style or "")
+    if bold:
+        t.stylize("bold")
+    # soft_wrap: no wrapping, no cropping; a line wider than the console runs past it
+    console.print(t, soft_wrap=True, no_wrap=True, crop=False, overflow="ignore")
+
+
+def _print_note(console, note: str, width: int | None) -> None:
+    import textwrap
+
+    lines = textwrap.wrap(note, width, subsequent_indent="  ", break_long_words=False,
+                          break_on_hyphens=False) if width and width > 20 else [note]
+    for line in lines:
+        _print_line(console, line)
+
+
+def print_grid(grid: Grid, console=None, width: int | None = None) -> None:
+    """Print ``grid`` as aligned text (styles on a terminal), then its notes. Nothing is cut."""
+    console = _console(console)
+    if grid.title:
+        _print_line(console, grid.title, bold=True)
+    lines = grid_lines(grid)
     styles = grid.styles or [None] * len(grid.rows)
-    for row, style in zip(grid.rows, styles):
-        table.add_row(*[Text(c) for c in row], style=style)
-    # the table's own width, never less: a narrower console would cut cells
-    width = max(console.width, natural + 2 * len(grid.columns))
-    console.print(table, width=width, crop=False)
-    _print_notes(grid.notes, console)
+    _print_line(console, lines[0], bold=True)
+    _print_line(console, lines[1])
+    for text, style in zip(lines[2:], styles):
+        _print_line(console, text, style)
+    for note in grid.notes:
+        _print_note(console, note, console.width if width is None else width)
+
+
+def emit_json(data: Any, target: str | None, force: bool = False) -> None:
+    """``--json [FILE]``: to stdout for ``-``, else an atomic write (no overwrite without ``force``)."""
+    if not target:
+        return
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    if target == "-":
+        print(text)
+        return
+    from ._io import write_text
+
+    write_text(target, text + "\n", force=force)
+
+
+def emit_grid(grid: Grid, fmt: str = "table", console=None, width: int | None = None,
+              drop_order: Sequence[str] = (), data: Any = None) -> None:
+    """Print ``grid`` as ``table`` (dropping ``drop_order`` columns until it fits), ``markdown``,
+    ``csv`` or ``json`` (``data``, default the rows as dicts keyed by column)."""
+    console = _console(console)
+    if fmt == "json":
+        payload = data if data is not None else [dict(zip(grid.columns, r)) for r in grid.rows]
+        console.file.write(json.dumps(payload, indent=2, default=str) + "\n")
+        return
+    if fmt == "markdown":
+        text = (f"**{grid.title}**\n\n" if grid.title else "") + grid.markdown() + "\n"
+        console.file.write(text + "".join(f"\n{n}  " for n in grid.notes) + ("\n" if grid.notes else ""))
+        return
+    if fmt == "csv":
+        console.file.write(grid.csv())
+        return
+    target = console.width if width is None else width
+    layouts = [grid]
+    dropped: list[str] = []
+    for col in drop_order:
+        if col in layouts[-1].columns:
+            dropped.append(col)
+            g = layouts[-1].drop(col)
+            g.notes = list(grid.notes) + [f"left out at this width: {', '.join(dropped)} "
+                                          "(--width 0, --format csv or json: all)"]
+            layouts.append(g)
+    print_grid(fit_grid(layouts, target), console, target)
 
 
 # --------------------------------------------------------------------------- collapsing
@@ -176,8 +252,7 @@ def _signature(r: LayerRow) -> tuple:
     """Everything shown about a row except its name and spectral gap (seed-dependent)."""
     return (r.kind, r.converted, r.reason, r.in_channels, r.out_channels, tuple(r.kernel or ()), r.degree,
             r.blocks, r.graph, r.params_before, r.params_after, r.macs_before, r.macs_after,
-            getattr(r, "macs_executed", None), getattr(r, "execution", None), r.mixing, r.calls, r.projected,
-            r.note)
+            r.executed_macs, r.execution, r.mixing, r.calls, r.projected, r.note)
 
 
 def _ranges(values: list[int]) -> str:
@@ -230,10 +305,11 @@ def collapse_rows(rows: Sequence[Any], signature: Callable[[Any], tuple] = _sign
 
 # --------------------------------------------------------------------------- the report table
 
-# Shrink steps, applied cumulatively until the table fits: merge first, then drop the least
-# important columns. The layer name, params and MACs are never dropped.
-_STEPS: tuple[str, ...] = ("merge_kind", "merge_dg", "drop_uniform_graph", "drop_chans", "star_exec", "drop_graph",
-                           "drop_gap", "drop_dg", "after_only", "drop_reason")
+# Shrink steps, applied cumulatively until the table fits: merge first, move to notes, then
+# drop the least important columns. The layer name, params and MACs are never dropped.
+_STEPS: tuple[str, ...] = ("merge_kind", "merge_dg", "uniform_to_notes", "reason_to_notes", "drop_chans",
+                           "mark_exec", "drop_gap", "drop_graph", "drop_dg", "params_after_only", "drop_kind",
+                           "macs_after_only")
 
 
 def _reason(r: LayerRow) -> str:
@@ -245,48 +321,49 @@ def _kind_kernel(r: LayerRow) -> str:
     if not r.kernel:
         return r.kind
     k = "x".join(map(str, r.kernel))
-    if r.kind == "pointwise":
-        return "1x1" if k == "1x1" else f"pw {k}"
-    if r.kind == "conv":
-        return k
-    return f"{r.kind} {k}"
+    return k if r.kind in ("conv", "pointwise") else f"{r.kind} {k}"
 
 
 def _gap(members: list[LayerRow]) -> str:
     gaps = [m.spectral_gap for m in members if m.spectral_gap is not None]
     if not gaps:
         return ""
-    lo, hi = min(gaps), max(gaps)
-    return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.2f}-{hi:.2f}"
+    lo, hi = f"{min(gaps):.2f}", f"{max(gaps):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
-def _executed(r: LayerRow) -> int | None:
-    x = getattr(r, "macs_executed", None)
-    return r.macs_after if x is None else x
+def _names(labels: list[str], limit: int = 4) -> str:
+    return ", ".join(labels[:limit]) + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
 
 
 def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: set[str]) -> Grid:
     rows = [g[1][0] for g in groups]
+    known = rep.macs_known
     graphs = any(r.degree is not None for r in rows)
-    runs = any(getattr(r, "execution", None) for r in rows)
+    execs = {r.execution for r in rows if r.execution}
     graph_names = {r.graph for r in rows if r.graph}
     cols: list[tuple[str, Callable[[str, list[LayerRow]], str], bool]] = []  # header, cell, right
+    notes: list[str] = []
+    left_out: list[str] = []
 
     def add(header: str, fn: Callable[[str, list[LayerRow]], str], right: bool = False) -> None:
         cols.append((header, fn, right))
 
     add("layer", lambda label, m: label + (f"  x{len(m)}" if len(m) > 1 else ""))
-    if "merge_kind" in flags:
+    if "drop_kind" in flags:
+        left_out.append("kind")
+    elif "merge_kind" in flags:
         add("kind", lambda _, m: _kind_kernel(m[0]))
     else:
         add("kind", lambda _, m: m[0].kind)
-    if "drop_chans" not in flags:
+    if "drop_chans" in flags:
+        left_out.append("C_in→C_out")
+    else:
         add("C_in→C_out", lambda _, m: f"{m[0].in_channels}→{m[0].out_channels}"
             if m[0].in_channels is not None else "", True)
     if "merge_kind" not in flags:
         add("kernel", lambda _, m: "x".join(map(str, m[0].kernel)) if m[0].kernel else "")
-    notes: list[str] = []
-    left_out: list[str] = []
+    to_notes = "uniform_to_notes" in flags
     if graphs:
         if "drop_dg" in flags:
             left_out.append("D, G")
@@ -295,87 +372,113 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
         else:
             add("D", lambda _, m: "" if m[0].degree is None else str(m[0].degree), True)
             add("G", lambda _, m: "" if m[0].blocks is None else str(m[0].blocks), True)
-        uniform = len(graph_names) == 1
-        if "drop_graph" in flags or ("drop_uniform_graph" in flags and uniform):
-            if uniform:
-                notes.append(f"graph: {next(iter(graph_names))} (every converted layer)")
-            else:
-                left_out.append("graph")
+        if len(graph_names) == 1 and to_notes:
+            notes.append(f"graph: {next(iter(graph_names))} (every converted layer)")
+        elif "drop_graph" in flags:
+            left_out.append("graph")
         else:
             add("graph", lambda _, m: m[0].graph or "")
         if "drop_gap" in flags:
             gaps = [r.spectral_gap for _, ms in groups for r in ms if r.spectral_gap is not None]
             if gaps:
-                left_out.append(f"gap ({min(gaps):.2f}-{max(gaps):.2f})")
+                notes.append(f"spectral gap: {min(gaps):.3f} to {max(gaps):.3f} over the converted layers")
         else:
             add("gap", lambda _, m: _gap(m), True)
-    if runs and "star_exec" not in flags:
-        add("run", lambda _, m: getattr(m[0], "execution", None) or "")
-    after_only = "after_only" in flags
-    add("params" if not after_only else "params after",
-        lambda _, m: _before_after(m[0].params_before, m[0].params_after, after_only), True)
-    add("MACs" if not after_only else "MACs after",
-        lambda _, m: _before_after(m[0].macs_before, m[0].macs_after, after_only), True)
-    if runs:
-        star = "star_exec" in flags
+    mark = "mark_exec" in flags and known
+    if execs and not mark:
+        if len(execs) == 1 and to_notes:
+            notes.append(f"execution: {next(iter(execs))} (every converted layer)")
+        else:
+            add("exec", lambda _, m: m[0].execution or "")
+    p_after = "params_after_only" in flags
+    m_after = "macs_after_only" in flags
+    add("params" if not p_after else "params after",
+        lambda _, m: _before_after(m[0].params_before, m[0].params_after, p_after), True)
 
-        def run_macs(_: str, m: list[LayerRow]) -> str:
-            r = m[0]
-            ex = getattr(r, "execution", None)
-            if not ex:
-                return ""
-            return human(_executed(r)) + ("*" if star and ex == "masked" else " " if star else "")
+    def macs(_: str, m: list[LayerRow]) -> str:
+        r = m[0]
+        if not known:
+            return NO_VALUE
+        text = _before_after(r.macs_before, r.macs_after, m_after)
+        if mark and r.execution:
+            text += "*" if r.execution == "masked" else " "
+        return text
 
-        add("run MACs", run_macs, True)
-    if "drop_reason" not in flags:
+    add("MACs" if not m_after else "MACs after", macs, True)
+    if execs and known and not mark:
+        add("exec MACs", lambda _, m: human(m[0].executed_macs) if m[0].execution else "", True)
+    if "reason_to_notes" in flags:
+        why: dict[str, list[str]] = {}
+        for label, ms in groups:
+            if _reason(ms[0]) and not ms[0].converted:
+                why.setdefault(_reason(ms[0]), []).append(label)
+        notes += [f"kept dense, {reason}: {_names(labels)}" for reason, labels in why.items()]
+    else:
         add("reason", lambda _, m: _reason(m[0]))
 
-    title = f"{rep.model} @ {'x'.join(str(v) for v in rep.input_size)}"
+    title = f"{rep.model} @ {'x'.join(str(v) for v in rep.input_size) or 'no input'}"
     if rep.batch != 1:
         title += f", batch {rep.batch}"
     headers = [c[0] for c in cols]
     cells = [[fn(label, members) for _, fn, _ in cols] for label, members in groups]
     styles = ["green" if members[0].converted else None for _, members in groups]
-    if runs:
-        notes.append("run MACs: what each X-layer's execution computes"
-                     + (" (* masked: a dense conv, so the dense MACs)" if "star_exec" in flags else
-                        " (masked runs the dense MACs)"))
-    if after_only:
+    if mark and len(execs) == 1:
+        notes.append(f"execution: {next(iter(execs))} (every converted layer)")
+    elif mark and execs:
+        notes.append("MACs*: runs masked, a dense conv computing the before MACs (exec MACs in the totals)")
+    elif execs and known:
+        notes.append("exec MACs: what each X-layer's execution computes (masked runs the dense MACs)")
+    if p_after or m_after:
         left_out.append("before values (see totals)")
     if left_out:
-        notes.append("left out at this width: " + ", ".join(left_out) + " (--width 0, --format csv or --json: all)")
+        notes.append("left out at this width: " + ", ".join(left_out) + " (--width 0, --format csv or json: all)")
     return Grid(headers, cells, frozenset(c[0] for c in cols if c[2]), styles, title, notes)
 
 
-def _groups_for(rep: Report, max_rows: int | None, show_all: bool) -> list[tuple[str, list[LayerRow]]]:
+def _groups_for(rep: Report, max_rows: int | None, show_all: bool) -> tuple[list[tuple[str, list[LayerRow]]], int]:
+    """The rows to show (collapsed when there are more than ``max_rows``) and how many an
+    explicit ``max_rows`` cut from the middle."""
+    rows = [(r.name or "(model)", [r]) for r in rep.layers]
     limit = DEFAULT_MAX_ROWS if max_rows is None else max_rows
-    if show_all or len(rep.layers) <= limit:
-        return [(r.name or "(model)", [r]) for r in rep.layers]
-    return collapse_rows(rep.layers)
+    if show_all or len(rows) <= limit:
+        return rows, 0
+    groups = collapse_rows(rep.layers)
+    if max_rows is None or len(groups) <= max_rows:
+        return groups, 0
+    head = (max_rows + 1) // 2
+    tail = max_rows - head
+    return groups[:head] + (groups[-tail:] if tail else []), len(groups) - head - tail
 
 
 def _totals_grid(rep: Report) -> Grid:
     t = rep.totals
     rows = []
-    for label, key in (("params", "params"), ("MACs", "macs"), ("run MACs", "macs_executed"), ("FLOPs", "flops")):
-        b = t.get(f"{key}_before") if key != "macs_executed" else t.get("macs_before")
-        a = t.get(f"{key}_after") if key != "macs_executed" else t.get("macs_executed")
-        if key == "macs_executed" and a is None:
+    for label, b, a in (("params", t["params_before"], t["params_after"]),
+                        ("MACs", t["macs_before"], t["macs_after"]),
+                        ("exec MACs", t["macs_before"], t.get("macs_executed")),
+                        ("FLOPs", t["flops_before"], t["flops_after"])):
+        if b is None:
+            rows.append([label, "give an example input for MACs", "", ""])
             continue
         r = _ratio(b, a)
         rows.append([label, human(b, spaced=True), human(a, spaced=True), "" if r is None else f"{r:.2f}x"])
     return Grid(["totals", "before", "after", "reduction"], rows, frozenset({"before", "after", "reduction"}))
 
 
-def _summary(rep: Report, collapsed: int) -> list[str]:
+def _summary(rep: Report, folded: int, cut: int) -> list[str]:
     t = rep.totals
     lines = [f"{t['converted_layers']} of {len(rep.layers)} counted layers converted; FLOPs = 2 x MACs"]
-    if any(r.macs_after is None for r in rep.layers):
-        lines.append(f"MACs {NO_MACS}: give an example input for MACs")
-    if collapsed:
-        lines.append(f"xN: N identical layers in one row, per-layer values ({collapsed} rows folded; "
-                     "--all lists every layer)")
+    if folded:
+        lines.append(f"xN: N identical layers in one row, per-layer values ({folded} rows folded; --all: every layer)")
+    if cut:
+        lines.append(f"... {cut} more layers not shown (--max-rows; --all: every layer)")
+    if rep.trace_error and rep.method not in (None, "fx"):
+        lines.append(f"note: torch.fx could not trace this model ({rep.trace_error}); layers were swapped by name")
     return lines
+
+
+def _layouts(rep: Report, groups: list[tuple[str, list[LayerRow]]]) -> list[Grid]:
+    return [_report_grid(rep, groups, set(_STEPS[:step])) for step in range(len(_STEPS) + 1)]
 
 
 def render_report(rep: Report, console=None, max_rows: int | None = None, *, show_all: bool = False,
@@ -386,15 +489,14 @@ def render_report(rep: Report, console=None, max_rows: int | None = None, *, sho
         rep: the report.
         console: a ``rich.console.Console`` (default: a new one on stdout).
         max_rows: collapse repeated identical layers when there are more rows than this
-            (default :data:`DEFAULT_MAX_ROWS`); nothing that differs is ever hidden.
-        show_all: never collapse.
+            (default :data:`DEFAULT_MAX_ROWS`), and cut the middle of what is still over it
+            when given explicitly.
+        show_all: every layer, never collapsed.
         width: the width to fit (default: the console's, which in a pipe is ``COLUMNS``
             or 80); ``0``: every column, however wide.
         fmt: ``table``, ``markdown``, ``csv`` or ``json``.
     """
-    from rich.console import Console
-
-    console = console or Console()
+    console = _console(console)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "json":
@@ -406,37 +508,23 @@ def render_report(rep: Report, console=None, max_rows: int | None = None, *, sho
     if fmt == "markdown":
         console.file.write(report_markdown(rep, max_rows=max_rows, show_all=show_all) + "\n")
         return
-    groups = _groups_for(rep, max_rows, show_all)
+    groups, cut = _groups_for(rep, max_rows, show_all)
     target = console.width if width is None else width
-
-    def layout(step: int) -> Grid | None:
-        if step > len(_STEPS):
-            return None
-        return _report_grid(rep, groups, set(_STEPS[:step]))
-
-    grid = fit_grid(layout, target)
-    grid.notes = _summary(rep, len(rep.layers) - len(groups)) + grid.notes
-    if rep.trace_error and rep.method not in (None, "fx"):
-        grid.notes.append(f"torch.fx could not trace this model ({rep.trace_error}); layers were swapped by name")
-    notes, grid.notes = grid.notes, []
-    print_grid(grid, console)
-    print_grid(_totals_grid(rep), console)
-    _print_notes(notes, console)
-
-
-def _print_notes(notes: Sequence[str], console) -> None:
-    from rich.text import Text
-
+    grid = fit_grid(_layouts(rep, groups), target)
+    notes, grid.notes = _summary(rep, len(rep.layers) - len(groups) - cut, cut) + grid.notes, []
+    print_grid(grid, console, target)
+    console.print()
+    print_grid(_totals_grid(rep), console, target)
     for note in notes:
-        console.print(Text(note), width=max(console.width, _cell_len(note)), crop=False)
+        _print_note(console, note, target)
 
 
 def report_markdown(rep: Report, max_rows: int | None = None, show_all: bool = False) -> str:
-    """The report as Markdown: a title line, the full layer table and the totals."""
-    groups = _groups_for(rep, max_rows, show_all)
+    """The report as Markdown: a title line, the full layer table, the totals and notes."""
+    groups, cut = _groups_for(rep, max_rows, show_all)
     grid = _report_grid(rep, groups, set())
     out = [f"**{grid.title}**", "", grid.markdown(), "", _totals_grid(rep).markdown(), ""]
-    out += [f"{line}  " for line in _summary(rep, len(rep.layers) - len(groups)) + grid.notes]
+    out += [f"{line}  " for line in _summary(rep, len(rep.layers) - len(groups) - cut, cut) + grid.notes]
     return "\n".join(out).rstrip()
 
 
@@ -453,41 +541,7 @@ def report_csv(rep: Report) -> str:
     for r in rep.layers:
         d = r.to_dict()
         d["kernel"] = "x".join(map(str, d["kernel"])) if d.get("kernel") else ""
+        if not rep.macs_known:
+            d["macs_before"] = d["macs_after"] = d["macs_executed"] = None
         w.writerow(["" if d.get(k) is None else d.get(k) for k in CSV_FIELDS])
     return buf.getvalue()
-
-
-def grid_csv(grid: Grid) -> str:
-    """Any grid as CSV (header row first)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(grid.columns)
-    w.writerows(grid.rows)
-    return buf.getvalue()
-
-
-def emit_grid(grid: Grid, fmt: str, console=None, width: int | None = None,
-              drop_order: Sequence[str] = ()) -> None:
-    """Print ``grid`` as ``table`` (dropping ``drop_order`` columns until it fits), ``markdown`` or ``csv``."""
-    from rich.console import Console
-
-    console = console or Console()
-    if fmt == "markdown":
-        console.file.write(grid.markdown() + "\n")
-        for note in grid.notes:
-            console.file.write(note + "  \n")
-        return
-    if fmt == "csv":
-        console.file.write(grid_csv(grid))
-        return
-    target = console.width if width is None else width
-    layouts = [grid]
-    dropped: list[str] = []
-    for col in drop_order:
-        if col in layouts[-1].columns:
-            dropped.append(col)
-            g = layouts[-1].drop(col)
-            g.notes = [n for n in grid.notes] + [f"left out at this width: {', '.join(dropped)} "
-                                                  "(--width 0, --format csv or --json: all)"]
-            layouts.append(g)
-    print_grid(fit_grid(layouts, target), console)

@@ -381,16 +381,21 @@ class Report:
                    int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
                    t.get("macs_before") is not None)
 
-    def render(self, console=None, max_rows: int | None = None) -> None:
-        """Print the layer table and the totals with ``rich`` (see :mod:`xsurgery._render`).
+    def render(self, console=None, max_rows: int | None = None, *, show_all: bool = False,
+               width: int | None = None, fmt: str = "table") -> None:
+        """Print the layer table and the totals (see :func:`xsurgery._render.render_report`).
 
         Args:
             console: a ``rich.console.Console`` (default: a new one on stdout).
-            max_rows: show at most this many layer rows; the totals are always shown.
+            max_rows: collapse repeated identical layers past this many rows (default 40);
+                given explicitly, also cut the middle of what is still longer.
+            show_all: every layer on its own row.
+            width: the width to fit (default the console's; ``0``: every column).
+            fmt: ``table``, ``markdown``, ``csv`` or ``json``.
         """
         from ._render import render_report
 
-        render_report(self, console=console, max_rows=max_rows)
+        render_report(self, console=console, max_rows=max_rows, show_all=show_all, width=width, fmt=fmt)
 
 
 def _ratio(before: int, after: int) -> float:
