@@ -34,7 +34,6 @@ __all__ = [
     "FORMATS",
     "Grid",
     "collapse_rows",
-    "emit",
     "emit_grid",
     "emit_json",
     "fit_grid",
