@@ -212,3 +212,30 @@ def test_formats_and_json_convention(tmp_path, capsys):
     assert main([*base, "--json", str(out), "--force", "--quiet"]) == 0
     assert main(["plan", "resnet18", "--compress", "2", "--format", "csv"]) == 0
     assert "layer,kind" in capsys.readouterr().out
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("layout", ["gather", "dense"])
+def test_report_of_an_exported_onnx_file(tmp_path, layout, capsys):
+    pytest.importorskip("onnxruntime")
+    from xsurgery.export import export_onnx
+
+    model = nn.Sequential(_mixed()[:3], nn.Flatten(), nn.Linear(32 * 64, 10)).eval()
+    path = tmp_path / "m.onnx"
+    x = torch.randn(1, 16, 8, 8)
+    export_onnx(model, str(path), example_inputs=x, layout=layout, verbose=False, threads=1)
+    assert main(["report", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    ref = report(model, example_inputs=x).to_dict()
+    want = {r["name"]: r for r in ref["layers"]}
+    for row in d["layers"]:
+        r = want[row["name"]]
+        for key in ("macs_before", "macs_after", "params_before", "params_after", "degree", "blocks"):
+            assert row[key] == r[key], (row["name"], key)
+        if r["converted"]:
+            assert row["execution"] == ("masked" if layout == "dense" else "gather")
+            assert row["macs_executed"] == (r["macs_before"] if layout == "dense" else r["macs_after"])
+            assert row["spectral_gap"] == pytest.approx(r["spectral_gap"]) if layout == "gather" else True
+    assert {r["name"] for r in d["layers"]} == set(want)
+    assert d["totals"]["params_after"] == ref["totals"]["params_after"]
+    assert main(["report", str(tmp_path / "missing.onnx")]) == 2
