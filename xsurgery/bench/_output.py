@@ -41,6 +41,20 @@ def print_table(result: dict[str, Any], console=None) -> None:
                   "x limit = (x dense) / (MACs x), 1.0 = as fast as the MACs allow")
 
 
+def csv_table(result: dict[str, Any]) -> str:
+    """One CSV row per variant, compression and backend (raw numbers)."""
+    import csv
+    import io
+
+    keys = ("variant", "compress", "backend", "median_ms", "spread_ms", "ratio_to_dense", "macs_ratio")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys)
+    for r in result["results"]:
+        w.writerow([r.get(k, "") for k in keys])
+    return buf.getvalue()
+
+
 def markdown_table(result: dict[str, Any], backends: Sequence[str] = BACKENDS) -> str:
     """A Markdown table: one row per variant and compression, per backend the ratio to dense
     (with the dense median in ms in the dense row), and the MACs ratio."""

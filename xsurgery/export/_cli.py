@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
+from .._errors import UserError
 from ._export import DEFAULT_OPSET, LAYOUTS, export_onnx
 
 
 def _cmd_export(args) -> int:
     from .._args import load_options
+    from .._io import check_output
     from ..checkpoint import resolve_model
 
+    if args.json not in (None, "-"):
+        check_output(args.json, force=args.force)
+        if args.json == args.output:
+            raise UserError("-o and --json name the same file; give them different names")
     model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
         model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
-        benchmark=args.benchmark, force=args.force, threads=args.threads, verbose=not args.json,
+        benchmark=args.benchmark, force=args.force, threads=args.threads,
+        verbose=args.json != "-" and not getattr(args, "quiet", False),
         allow_nonfinite=args.allow_nonfinite,
     )
-    if args.json:
-        print(json.dumps({**asdict(res), "latency_ratio": res.latency_ratio}, indent=1))
+    from .._render import emit_json
+
+    emit_json({**asdict(res), "latency_ratio": res.latency_ratio}, args.json, args.force)
     return 0
 
 
@@ -41,5 +48,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--benchmark", action="store_true", help="time ORT latency against the dense original")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT intra-op threads (default ORT's)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (and nothing else)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="the result as JSON: on stdout (and nothing else) without FILE, else to FILE")
     p.set_defaults(func=_cmd_export)

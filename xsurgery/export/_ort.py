@@ -53,7 +53,9 @@ def _choose_layouts(layers, shapes, inner, opset, threads, log) -> tuple[dict[st
     """Time gather vs dense of every X-layer alone (its input shape at the export batch)."""
     choices, timings = {}, {}
     gen = torch.Generator().manual_seed(1)
-    for name, layer in layers:
+    from .._progress import progress  # a bar on terminals only (not in pipes, logs, --quiet)
+
+    for name, layer in progress(layers, desc="timing X-layers in ORT"):
         if not shapes[name]:  # never called in forward: nothing to time, dense is safe
             choices[name] = "dense"
             continue
