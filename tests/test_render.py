@@ -239,3 +239,42 @@ def test_report_of_an_exported_onnx_file(tmp_path, layout, capsys):
     assert {r["name"] for r in d["layers"]} == set(want)
     assert d["totals"]["params_after"] == ref["totals"]["params_after"]
     assert main(["report", str(tmp_path / "missing.onnx")]) == 2
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal_and_never_when_quiet(monkeypatch):
+    from xsurgery import _progress
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert not _progress.enabled() and not _progress.Bar(3).active
+    assert list(_progress.progress(range(3))) == [0, 1, 2]
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert _progress.enabled()
+    with _progress.Bar(2, desc="steps") as bar:
+        assert bar.active
+        bar.update(2, info="loss 0.1")
+    assert not _progress.enabled(quiet=True)
+    _progress.set_quiet(True)
+    try:
+        assert not _progress.enabled() and not _progress.Bar(2).active
+    finally:
+        _progress.set_quiet(False)
+
+
+def test_every_command_takes_quiet_and_the_same_json_option():
+    from xsurgery.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"convert", "plan", "report", "graph", "export", "bench", "train"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        opts = {o: a for a in p._actions for o in a.option_strings}
+        assert "--quiet" in opts, name
+        if "--json" in opts and name != "train":
+            assert opts["--json"].nargs == "?" and opts["--json"].const == "-", name
+        if name in ("convert", "plan", "report", "graph", "bench"):
+            assert set(opts["--format"].choices) == {"table", "markdown", "csv", "json"}, name
