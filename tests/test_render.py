@@ -103,7 +103,7 @@ def test_max_rows_and_all(resnet50_report):
     rep = resnet50_report
     assert len(_table_names(_render(rep, 120, show_all=True))) == len(rep.layers)
     cut = _render(rep, 120, max_rows=6)
-    assert len(_table_names(cut)) == 6 and "more layers not shown" in cut
+    assert len(_table_names(cut)) == 6 and "more rows not shown" in cut
     few = Report(rep.model, rep.input_size, rep.layers[:10], rep.params_before, rep.params_after)
     assert len(_table_names(_render(few, 120))) == 10  # short models are never collapsed
 

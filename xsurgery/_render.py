@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._table import (
     FORMATS,
-    NO_VALUE,
     Grid,
     _before_after,
     _console,
@@ -169,14 +168,13 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
 
     def macs(_: str, m: list[LayerRow]) -> str:
         r = m[0]
-        if not known:
-            return NO_VALUE
         text = _before_after(r.macs_before, r.macs_after, m_after)
         if mark and r.execution:
             text += "*" if r.execution == "masked" else " "
         return text
 
-    add("MACs" if not m_after else "MACs after", macs, True)
+    if known:  # no example input: no MACs column (the notes say so)
+        add("MACs" if not m_after else "MACs after", macs, True)
     if execs and known and not mark:
         add("exec MACs", lambda _, m: human(m[0].executed_macs) if m[0].execution else "", True)
     if "reason_to_notes" in flags:
@@ -207,19 +205,21 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
     return Grid(headers, cells, frozenset(c[0] for c in cols if c[2]), styles, title, notes)
 
 
-def _groups_for(rep: Report, max_rows: int | None, show_all: bool) -> tuple[list[tuple[str, list[LayerRow]]], int]:
-    """The rows to show (collapsed when there are more than ``max_rows``) and how many an
-    explicit ``max_rows`` cut from the middle."""
+def _groups_for(rep: Report, max_rows: int | None,
+                show_all: bool) -> tuple[list[tuple[str, list[LayerRow]]], int, int]:
+    """The rows to show (collapsed when there are more than ``max_rows``), how many layers
+    collapsing folded into others' rows, and how many rows an explicit ``max_rows`` cut."""
     rows = [(r.name or "(model)", [r]) for r in rep.layers]
     limit = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     if show_all or len(rows) <= limit:
-        return rows, 0
+        return rows, 0, 0
     groups = collapse_rows(rep.layers)
+    folded = len(rows) - len(groups)
     if max_rows is None or len(groups) <= max_rows:
-        return groups, 0
+        return groups, folded, 0
     head = (max_rows + 1) // 2
     tail = max_rows - head
-    return groups[:head] + (groups[-tail:] if tail else []), len(groups) - head - tail
+    return groups[:head] + (groups[-tail:] if tail else []), folded, len(groups) - head - tail
 
 
 def _totals_grid(rep: Report) -> Grid:
@@ -230,8 +230,7 @@ def _totals_grid(rep: Report) -> Grid:
                         ("exec MACs", t["macs_before"], t.get("macs_executed")),
                         ("FLOPs", t["flops_before"], t["flops_after"])):
         if b is None:
-            rows.append([label, "give an example input for MACs", "", ""])
-            continue
+            continue  # no example input: said under the table
         r = _ratio(b, a)
         rows.append([label, human(b, spaced=True), human(a, spaced=True), "" if r is None else f"{r:.2f}x"])
     return Grid(["totals", "before", "after", "reduction"], rows, frozenset({"before", "after", "reduction"}))
@@ -240,10 +239,12 @@ def _totals_grid(rep: Report) -> Grid:
 def _summary(rep: Report, folded: int, cut: int) -> list[str]:
     t = rep.totals
     lines = [f"{t['converted_layers']} of {len(rep.layers)} counted layers converted; FLOPs = 2 x MACs"]
+    if not rep.macs_known:
+        lines.append("MACs: none without an example input; give one (--input-size, --input)")
     if folded:
         lines.append(f"xN: N identical layers in one row, per-layer values ({folded} rows folded; --all: every layer)")
     if cut:
-        lines.append(f"... {cut} more layers not shown (--max-rows; --all: every layer)")
+        lines.append(f"... {cut} more rows not shown (--max-rows; --all: every layer)")
     if rep.trace_error and rep.method not in (None, "fx"):
         lines.append(f"note: torch.fx could not trace this model ({rep.trace_error}); layers were swapped by name")
     return lines
@@ -280,10 +281,10 @@ def render_report(rep: Report, console=None, max_rows: int | None = None, *, sho
     if fmt == "markdown":
         console.file.write(report_markdown(rep, max_rows=max_rows, show_all=show_all) + "\n")
         return
-    groups, cut = _groups_for(rep, max_rows, show_all)
+    groups, folded, cut = _groups_for(rep, max_rows, show_all)
     target = console.width if width is None else width
     grid = fit_grid(_layouts(rep, groups), target)
-    notes, grid.notes = _summary(rep, len(rep.layers) - len(groups) - cut, cut) + grid.notes, []
+    notes, grid.notes = _summary(rep, folded, cut) + grid.notes, []
     print_grid(grid, console, target)
     console.print()
     print_grid(_totals_grid(rep), console, target)
@@ -293,10 +294,10 @@ def render_report(rep: Report, console=None, max_rows: int | None = None, *, sho
 
 def report_markdown(rep: Report, max_rows: int | None = None, show_all: bool = False) -> str:
     """The report as Markdown: a title line, the full layer table, the totals and notes."""
-    groups, cut = _groups_for(rep, max_rows, show_all)
+    groups, folded, cut = _groups_for(rep, max_rows, show_all)
     grid = _report_grid(rep, groups, set())
     out = [f"**{grid.title}**", "", grid.markdown(), "", _totals_grid(rep).markdown(), ""]
-    out += [f"{line}  " for line in _summary(rep, len(rep.layers) - len(groups) - cut, cut) + grid.notes]
+    out += [f"{line}  " for line in _summary(rep, folded, cut) + grid.notes]
     return "\n".join(out).rstrip()
 
 
