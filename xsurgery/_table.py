@@ -188,9 +188,13 @@ def emit_json(data: Any, target: str | None, force: bool = False) -> None:
 
 
 def emit_grid(grid: Grid, fmt: str = "table", console=None, width: int | None = None,
-              drop_order: Sequence[str] = (), data: Any = None) -> None:
+              drop_order: Sequence[str] = (), data: Any = None, moved: dict[str, list[str]] | None = None) -> None:
     """Print ``grid`` as ``table`` (dropping ``drop_order`` columns until it fits), ``markdown``,
-    ``csv`` or ``json`` (``data``, default the rows as dicts keyed by column)."""
+    ``csv`` or ``json`` (``data``, default the rows as dicts keyed by column).
+
+    ``moved``: per column, the notes that say what it said once it is dropped (those columns
+    are not listed as left out)."""
+    moved = moved or {}
     console = _console(console)
     if fmt == "json":
         payload = data if data is not None else [dict(zip(grid.columns, r)) for r in grid.rows]
@@ -206,12 +210,16 @@ def emit_grid(grid: Grid, fmt: str = "table", console=None, width: int | None = 
     target = console.width if width is None else width
     layouts = [grid]
     dropped: list[str] = []
+    extra: list[str] = []
     for col in drop_order:
         if col in layouts[-1].columns:
-            dropped.append(col)
+            if col in moved:
+                extra += moved[col]
+            else:
+                dropped.append(col)
             g = layouts[-1].drop(col)
-            g.notes = list(grid.notes) + [f"left out at this width: {', '.join(dropped)} "
-                                          "(--width 0, --format csv or json: all)"]
+            g.notes = list(grid.notes) + extra + ([f"left out at this width: {', '.join(dropped)} "
+                                                   "(--width 0, --format csv or json: all)"] if dropped else [])
             layouts.append(g)
     print_grid(fit_grid(layouts, target), console, target)
 

@@ -120,17 +120,38 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cells = []
     for r in rows:
         kernel = "x".join(map(str, r["kernel"])) if r["kernel"] else ""
+        kind = r["kind"] if not kernel else kernel if r["kind"] in ("conv", "pointwise") else f"{r['kind']} {kernel}"
         gap = f"{r['spectral_gap']:.2f}" if r["spectral_gap"] is not None else ""
-        cells.append([r["name"], r["kind"], f"{r['in_channels']}→{r['out_channels']}", kernel,
-                      "yes" if r["converted"] else "no", str(r["degree"] or ""), str(r["blocks"] or ""),
-                      r["graph"] or "", gap, r["reason"] or r["note"] or ""])
+        cells.append([r["name"], kind, f"{r['in_channels']}→{r['out_channels']}", "yes" if r["converted"] else "no",
+                      f"{r['degree']}/{r['blocks']}" if r["degree"] else "", r["graph"] or "", gap,
+                      r["reason"] or r["note"] or ""])
     n = sum(r["converted"] for r in rows)
     how = "torch.fx trace" if trace.ok else "module order: fx could not trace, " + str(trace.error)
-    grid = Grid(["layer", "kind", "C_in→C_out", "kernel", "convert", "D", "G", "graph", "gap", "reason / note"],
-                cells, frozenset({"C_in→C_out", "D", "G", "gap"}), ["green" if r["converted"] else None for r in rows],
-                f"xsurgery plan: {args.model}", [f"{n} of {len(rows)} conv/linear layers would be converted ({how})"])
-    emit_grid(grid, args.fmt, width=args.width, data=data,
-              drop_order=("graph", "gap", "kernel", "C_in→C_out", "G", "reason / note"))
+    why: dict[str, list[str]] = {}
+    for r in rows:
+        if r["reason"] or r["note"]:
+            why.setdefault(r["reason"] or r["note"], []).append(r["name"])
+    graphs = {r["graph"] for r in rows if r["graph"]}
+    moved = {"reason / note": [f"{k}: {', '.join(v[:4])}" + (f" and {len(v) - 4} more" if len(v) > 4 else "")
+                               for k, v in why.items()],
+             **({"graph": [f"graph: {graphs.pop()} (every converted layer)"]} if len(graphs) == 1 else {})}
+    notes = [f"{n} of {len(rows)} conv/linear layers would be converted ({how})"]
+    if not args.show_all and len(cells) > (args.max_rows or 40):
+        from ._table import collapse_rows
+
+        groups = collapse_rows(cells, lambda c: tuple(c[1:6] + c[7:]), lambda c: c[0])  # all but the gap
+        cells = []
+        for label, members in groups:
+            gaps = sorted({m[6] for m in members if m[6]})
+            gap = gaps[0] if len(gaps) == 1 else f"{gaps[0]}-{gaps[-1]}" if gaps else ""
+            cells.append([label + (f"  x{len(members)}" if len(members) > 1 else ""), *members[0][1:6], gap,
+                          members[0][7]])
+        notes.append("xN: N identical layers in one row (--all: every layer)")
+    grid = Grid(["layer", "kind", "C_in→C_out", "convert", "D/G", "graph", "gap", "reason / note"],
+                cells, frozenset({"C_in→C_out", "D/G", "gap"}), ["green" if c[3] == "yes" else None for c in cells],
+                f"xsurgery plan: {args.model}", notes)
+    emit_grid(grid, args.fmt, width=args.width, data=data, moved=moved,
+              drop_order=("graph", "reason / note", "C_in→C_out", "gap", "D/G"))
     return 0
 
 
