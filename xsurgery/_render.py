@@ -195,7 +195,7 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
     if mark and len(execs) == 1:
         notes.append(f"execution: {next(iter(execs))} (every converted layer)")
     elif mark and execs:
-        notes.append("MACs*: runs masked, a dense conv computing the before MACs (exec MACs in the totals)")
+        notes.append("MACs*: runs masked (the dense layer on a zero-filled weight): computes the before MACs")
     elif execs and known:
         notes.append("exec MACs: what each X-layer's execution computes (masked runs the dense MACs)")
     if p_after or m_after:
