@@ -278,3 +278,17 @@ def test_every_command_takes_quiet_and_the_same_json_option():
             assert opts["--json"].nargs == "?" and opts["--json"].const == "-", name
         if name in ("convert", "plan", "report", "graph", "bench"):
             assert set(opts["--format"].choices) == {"table", "markdown", "csv", "json"}, name
+
+
+@pytest.mark.onnx
+def test_export_json_file_like_every_command(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out, js = tmp_path / "m.onnx", tmp_path / "m.json"
+    argv = ["export", "resnet18", "--input-size", "32", "--layout", "gather", "--no-verify", "-o", str(out)]
+    assert main([*argv, "--json", str(js), "--quiet"]) == 0
+    assert json.loads(js.read_text())["layout"] == "gather" and capsys.readouterr().out == ""
+    assert main([*argv, "--force", "--json", str(js), "--quiet"]) == 0  # --force covers both files
+    assert main([*argv[:-2], "-o", str(tmp_path / "n.onnx"), "--json", str(js)]) == 2  # JSON exists, no --force
+    assert "--force" in capsys.readouterr().err
+    assert main([*argv, "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(out)
