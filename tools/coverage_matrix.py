@@ -210,6 +210,14 @@ def _dense_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+def _ties(model: nn.Module) -> set[frozenset[str]]:
+    """Groups of parameter names that share one tensor (tied weights)."""
+    groups: dict[int, set[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
 def _flat_out(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -269,6 +277,7 @@ def measure(name: str, *, onnx: bool | None = None) -> dict[str, Any]:
 
     with sdpa_kernel(SDPBackend.MATH):  # the report on the same input as the counter below
         rep_math = xsurgery.report(converted, example_inputs=example).totals
+    modules = dict(model.named_modules())
     before_ref = _dense_twin(converted) if case.data_dependent else model
     row: dict[str, Any] = {
         "name": name, "family": case.family, "model": case.model,
@@ -280,6 +289,9 @@ def measure(name: str, *, onnx: bool | None = None) -> dict[str, Any]:
         "not_converted": sorted({(r.reason or "").split(" (")[0] for r in rep.layers
                                  if not r.converted and r.reason}),
         "x_layer_kinds": sorted({type(m).__name__ for m in converted.modules() if isinstance(m, X_LAYERS)}),
+        "converted_from": sorted({type(modules[r.name]).__name__ for r in rep.layers if r.converted}),
+        "ties": sorted(sorted(g) for g in _ties(model)),
+        "ties_kept": _ties(converted) == _ties(model),
         "params_before": t["params_before"], "params_after": t["params_after"],
         "params_model": _unique_params(model), "params_converted": _unique_params(converted),
         "macs_before": rep_math["macs_before"], "macs_after": rep_math["macs_after"],
@@ -296,6 +308,7 @@ def measure(name: str, *, onnx: bool | None = None) -> dict[str, Any]:
         fresh = case.build().eval()
         loaded = xsurgery.load(path, model=fresh).eval()
         sd_a, sd_b = converted.state_dict(), loaded.state_dict()
+        row["load_ties_kept"] = _ties(loaded) == _ties(model)
         row["load_state_equal"] = list(sd_a) == list(sd_b) and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
         with torch.no_grad():
             row["load_outputs_equal"] = _same(call(converted, ex), call(loaded, ex))
