@@ -37,7 +37,6 @@ import xsurgery  # noqa: E402
 from xsurgery._inputs import call, flat_tensors, shapes_text  # noqa: E402
 from xsurgery.layers import X_LAYERS  # noqa: E402
 
-
 # --------------------------------------------------------------------------- the models
 
 
