@@ -37,7 +37,8 @@ KEPT_REASON = {
 
 def test_every_family_of_the_issue_is_in_the_matrix():
     assert set(cm.CASES) == set(CONVERTED_FROM) == set(KEPT_REASON)
-    assert {n for n, c in cm.CASES.items() if c.onnx} == {"bert", "gpt2", "t5", "llama", "mlp", "conv1d", "r3d_18"}
+    required = {"bert", "gpt2", "t5", "llama", "mlp", "conv1d", "r3d_18"}  # the issue's ONNX cases
+    assert required <= {n for n, c in cm.CASES.items() if c.onnx}
 
 
 @pytest.mark.parametrize("name", list(cm.CASES))

@@ -9,12 +9,13 @@ from ._export import DEFAULT_OPSET, LAYOUTS, export_onnx
 
 
 def _cmd_export(args) -> int:
-    from .._args import load_options
+    from .._args import example_arg, load_options
     from ..checkpoint import resolve_model
 
     model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
-        model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
+        model, args.output, input_size=args.input_size, example_inputs=example_arg(args), layout=args.layout,
+        opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
         benchmark=args.benchmark, force=args.force, threads=args.threads, verbose=not args.json,
         allow_nonfinite=args.allow_nonfinite,
