@@ -400,6 +400,20 @@ def test_cli_inputs(user_module, capsys):
     assert _json(capsys)["totals"]["macs_before"] == 2 * (16 * 32 + 8 * 32 + 32 * 32 + 32 * 2)
 
 
+def test_cli_export_takes_input(user_module, capsys, tmp_path):
+    from xsurgery.cli import main
+
+    ckpt, onnx_path = str(tmp_path / "mlp.xs"), str(tmp_path / "mlp.onnx")
+    assert main(["convert", f"{user_module}:mlp", "--compress", "4", "-o", ckpt, "--json"]) == 0  # no input
+    capsys.readouterr()
+    assert main(["export", ckpt, "--model", f"{user_module}:mlp", "-o", onnx_path, "--layout", "dense"]) == 2
+    assert "--input SHAPE" in capsys.readouterr().err
+    assert main(["export", ckpt, "--model", f"{user_module}:mlp", "--input", "3x40", "-o", onnx_path,
+                 "--layout", "gather", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["input_names"] == ["input"] and data["max_rel_err"] < 1e-4 and os.path.exists(onnx_path)
+
+
 def test_cli_no_check(user_module, capsys):
     from xsurgery.cli import main
 
