@@ -128,6 +128,7 @@ def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
     need = 2 * 4 * n
     if memory is not None and need > 0.8 * memory:
         what = "these --model-kwargs build" if overridden else f"the default {config_name} builds"
-        raise UserError(f"hf/{name}: {what} {f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"} parameters ({4 * n / 1e9:.1f} GB in float32, about "
+        count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        raise UserError(f"hf/{name}: {what} {count} parameters ({4 * n / 1e9:.1f} GB in float32, about "
                         f"twice that to convert), more than this machine's {memory / 1e9:.1f} GB; make it smaller "
                         f"with --model-kwargs, e.g. '{{\"num_hidden_layers\": 2, \"hidden_size\": 256}}'")
