@@ -237,9 +237,14 @@ def report(
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     # nn.MultiheadAttention's fused fast path is one opaque aten op; the regular path is countable
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    # likewise an RNN on oneDNN (CPU) is one opaque op; without oneDNN it runs as counted matmuls
+    onednn = torch.backends.mkldnn.enabled
+    rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
     model.eval()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
+        if rnn:
+            torch.backends.mkldnn.enabled = False
         if example is not None:
             with torch.no_grad(), _FunctionalCounter(tracker):
                 try:
@@ -252,6 +257,7 @@ def report(
                                     f"{first_error_line(exc)}; give an input it takes (--input / example_inputs)") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mkldnn.enabled = onednn
         tracker.remove()
         for m, training in modes:
             m.training = training

@@ -9,7 +9,7 @@ from ._export import DEFAULT_OPSET, LAYOUTS, export_onnx
 
 
 def _cmd_export(args) -> int:
-    from .._args import load_options
+    from .._args import example_arg, load_options
     from .._io import check_output
     from ..checkpoint import resolve_model
 
@@ -19,7 +19,8 @@ def _cmd_export(args) -> int:
             raise UserError("-o and --json name the same file; give them different names")
     model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
-        model, args.output, input_size=args.input_size, layout=args.layout, opset=args.opset,
+        model, args.output, input_size=args.input_size, example_inputs=example_arg(args), layout=args.layout,
+        opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
         benchmark=args.benchmark, force=args.force, threads=args.threads,
         verbose=args.json != "-" and not getattr(args, "quiet", False),

@@ -240,7 +240,14 @@ def export_onnx(
 
             flat_v = flat_tensors(example_v)
             vb = list(flat_v[0].shape)
-            flat_ref, got = _flat_outputs(ref), sess.run(None, _feed(in_names, flat_v))
+            flat_ref = _flat_outputs(ref)
+            try:
+                got = sess.run(None, _feed(in_names, flat_v))
+            except Exception as exc:  # onnxruntime's own error types
+                text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"ONNX Runtime cannot run the exported model on inputs of shapes "
+                                f"{[list(t.shape) for t in flat_v]} (batch/sequence changed to check the dynamic "
+                                f"axes): {text}; try --static-batch") from exc
             if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
                 vmodel, filled = _perturbed(base)
                 with torch.no_grad():
