@@ -203,7 +203,7 @@ def _shape_from_size(model: nn.Module, input_size: int | Sequence[int]) -> tuple
     """
     size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
     if not size or any(s < 1 for s in size) or math.prod(size) > MAX_ELEMENTS:
-        raise UserError(f"--input-size takes positive sizes, got {list(size)}")
+        raise UserError(f"--input-size takes positive sizes of at most {MAX_ELEMENTS} elements in all, got {list(size)}")
     first = first_weight_layer(model)
     if isinstance(first, nn.Linear):
         if size[-1] != first.in_features:
