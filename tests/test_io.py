@@ -126,3 +126,25 @@ def test_safetensors_write_goes_through_our_temp_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left"):
         _io.write_safetensors(str(tmp_path / "w.safetensors"), {"w": torch.zeros(4)})
     assert os.listdir(tmp_path) == []
+
+
+def test_orphan_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL runs no cleanup; the temp file names its writer, and the next write of the
+    same name removes it once the writer is gone (never a live writer's)."""
+    import subprocess
+    import sys
+
+    target = str(tmp_path / "a.xs")
+    code = ("import os, signal, sys\nfrom xsurgery import _io\n"
+            "def w(tmp):\n    open(tmp, 'w').write('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "_io.write_atomic(sys.argv[1], w)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, target])
+    assert proc.wait() == -signal.SIGKILL
+    orphans = os.listdir(tmp_path)
+    assert len(orphans) == 1 and orphans[0].startswith(f"{_io.TMP_PREFIX}{proc.pid}-")
+    live = tmp_path / f"{_io.TMP_PREFIX}{os.getppid()}-x-a.xs"  # a live process's temp file: kept
+    live.write_text("busy")
+    for p in tmp_path.iterdir():
+        os.utime(p, (1, 1))  # old enough to be an orphan
+    _io.write_text(target, "new")
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.xs", live.name]) and open(target).read() == "new"
