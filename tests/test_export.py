@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
-from xsurgery import export as xexport  # noqa: E402
+from xsurgery.export import _ort as xexport  # noqa: E402  (timing knobs of auto)
 from xsurgery.export import export_onnx, read_metadata  # noqa: E402
 from xsurgery.surgery import convert  # noqa: E402
 

@@ -1,0 +1,39 @@
+"""Latency benchmarks: X-models against dense and grouped, as ratios, all in one process.
+
+``bench(model, compress)`` builds every requested variant of one model (dense, grouped,
+X with mixing 1/2/4, X exact, masked-dense, and the library default), times each with torch
+eager inference, a torch training step (forward + backward) and ONNX Runtime, and reports
+median and spread per (variant, backend) with the ratio to dense and the MACs ratio, which
+is the limit a sparse layer could reach.
+
+Timings are interleaved: each repetition runs every (variant, backend) once, so a load
+change on a shared machine moves all of them alike and the ratios stay comparable.
+"""
+
+from __future__ import annotations
+
+from ._cli import add_cli
+from ._measure import Timing, count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+from ._output import markdown_table, plot, print_table, write_json
+from ._run import BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+
+__all__ = [
+    "BACKENDS",
+    "ORT_LAYOUTS",
+    "Timing",
+    "VARIANTS",
+    "VARIANT_OPTIONS",
+    "add_cli",
+    "bench",
+    "count_macs",
+    "machine_info",
+    "markdown_table",
+    "measure",
+    "ort_runner",
+    "plot",
+    "print_table",
+    "torch_runner",
+    "train_runner",
+    "versions",
+    "write_json",
+]

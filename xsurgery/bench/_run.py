@@ -1,0 +1,249 @@
+"""The benchmark: build the variants of one model, export them, time them together, ratios to dense."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import UserError
+from ._measure import count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+
+VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
+BACKENDS = ("torch", "torch-train", "ort")
+
+# convert() options per variant; "default" is convert() with no options (and export with none).
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "grouped": {"graph": "grouped"},
+    "x-k1": {"mixing": 1},
+    "x-k2": {"mixing": 2},
+    "x-k4": {"mixing": 4},
+    "x-exact": {"graph": "exact"},
+    "masked": {"mixing": 2, "execution": "masked"},
+    "default": {},
+}
+
+
+
+ORT_LAYOUTS = ("auto", "fixed")
+
+
+def _ort_layout(variant: str, ort_layout: str) -> str | None:
+    """The export layout of a variant: ``auto`` = export's own default for every variant
+    (masked as ``dense``); ``fixed`` = ``gather`` for X variants and ``dense`` for masked and
+    exact (no per-layer timing, much faster to export); ``default`` always gets no option."""
+    if variant in ("default", "dense"):
+        return None
+    if variant == "masked":
+        return "dense"
+    if ort_layout == "fixed":
+        return "dense" if variant == "x-exact" else "gather"
+    return None
+
+
+def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None) -> str:
+    """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given."""
+    from ..export import export_onnx
+
+    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False}
+    if layout is not None:
+        kwargs["layout"] = layout
+    kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
+    result = export_onnx(model, str(path), **kwargs)
+    chosen = list((getattr(result, "layers", None) or {}).values())
+    if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather"
+        return f"auto: {chosen.count('gather')}/{len(chosen)} gather"
+    return layout or "auto"
+
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _create(model: str | nn.Module, **load_options: bool) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    from ..checkpoint import resolve_model
+
+    return resolve_model(model, **load_options)
+
+
+def _convert(model: nn.Module, compress: float, options: dict[str, Any], example) -> nn.Module:
+    from ..surgery import convert
+
+    converted, _report = convert(model, compress=compress, example_inputs=example, **options)
+    return converted
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    values = tuple(values)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UserError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if not values:
+        raise UserError(f"give at least one {what}")
+    return values
+
+
+def bench(
+    model: str | nn.Module,
+    compress: float | Sequence[float],
+    batch: int = 1,
+    threads: int | None = None,
+    backends: Sequence[str] = BACKENDS,
+    variants: Sequence[str] = VARIANTS,
+    repeat: int = 15,
+    input_size: Sequence[int] | None = None,
+    *,
+    warmup: int = 3,
+    min_sample_ms: float = 5.0,
+    ort_layout: str = "auto",
+    show_progress: bool = False,
+    load_options: dict[str, bool] | None = None,
+    example_inputs: Any = None,
+) -> dict[str, Any]:
+    """Time the variants of one model as ratios to the dense model.
+
+    Args:
+        model: a name for :func:`xsurgery._sources.create_model` or a module (the dense model).
+        compress: one compression C or several (one dense reference serves all of them).
+        batch: batch size N of the timed input ``[N, *input_size]``.
+        threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
+        backends: subset of :data:`BACKENDS`.
+        variants: subset of :data:`VARIANTS`; ``dense`` is always measured (the reference).
+        repeat: timed rounds; every (variant, backend) runs once per round.
+        input_size: ``(C, H, W)`` (or the feature shape); default from the model.
+        warmup: untimed rounds.
+        min_sample_ms: fast calls are looped to at least this long per sample.
+        ort_layout: ``auto`` (every variant exported as ``export_onnx`` does by default) or
+            ``fixed`` (gather / dense per variant, no per-layer timing at export); see
+            :func:`_ort_layout`. The ``default`` variant always uses export's defaults.
+        show_progress: a progress bar on stderr.
+        load_options: ``trust_source`` / ``allow_nonfinite`` when ``model`` is a checkpoint.
+        example_inputs: a tensor, tuple or dict of inputs (or ``--input`` specs) instead of
+            ``[batch, *input_size]``; its own batch is timed.
+
+    Returns:
+        ``{"model", "compress", "batch", "threads", "input_size", "versions", "machine",
+        "macs", "results": [{"variant", "compress", "backend", "median_ms", "spread_ms",
+        "min_ms", "max_ms", "ratio_to_dense", "macs_ratio", ...}]}``; ``compress`` is the
+        number given, or the list when several were.
+    """
+    backends = _check_choices(backends, BACKENDS, "backend")
+    variants = _check_choices(variants, VARIANTS, "variant")
+    many = not isinstance(compress, (int, float))
+    compresses = [float(c) for c in (compress if many else [compress])]
+    if not compresses or any(c < 1 for c in compresses):
+        raise UserError(f"compression must be >= 1, got {', '.join(f'{c:g}' for c in compresses) or 'none'}")
+    if ort_layout not in ORT_LAYOUTS:
+        raise UserError(f"unknown ort_layout {ort_layout!r}; use one of {', '.join(ORT_LAYOUTS)}")
+    if batch < 1:
+        raise UserError(f"batch must be >= 1, got {batch}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be >= 1, got {threads}")
+    if "ort" in backends:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise UserError("the ort backend needs onnxruntime: pip install 'xsurgery[onnx]'") from exc
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    try:
+        dense = _create(model, **(load_options or {})).eval()
+        from .._inputs import describe, per_sample_size, resolve
+
+        x = resolve(dense, example_inputs, input_size, batch=batch)
+        if x is None:
+            raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+        size = per_sample_size(x)
+        models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
+            for c in compresses:
+                for v in variants:
+                    if v != "dense":
+                        models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
+        macs = {key: count_macs(m, x) for key, m in models.items()}
+        with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
+            runners: dict[Hashable, Callable[[], Any]] = {}
+            layouts: dict[tuple[str, float], str] = {}
+            for (v, c), m in models.items():
+                if "torch" in backends:
+                    runners[(v, c, "torch")] = torch_runner(m, x)
+                if "torch-train" in backends:
+                    runners[(v, c, "torch-train")] = _train_runner_copy(m, x)
+                if "ort" in backends:
+                    path = Path(tmp) / f"{v}-{c:g}.onnx"
+                    layouts[(v, c)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads)
+                    runners[(v, c, "ort")] = ort_runner(path, x, threads)
+            timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
+            del runners
+    finally:
+        torch.set_num_threads(old_threads)
+
+    results = []
+    for (v, c, b), t in timings.items():
+        ref = timings[("dense", 1.0, b)]
+        results.append({
+            "variant": v, "compress": 1.0 if v == "dense" else c, "backend": b,
+            "median_ms": round(t.median_ms, 4), "spread_ms": round(t.spread_ms, 4),
+            "min_ms": round(t.min_ms, 4), "max_ms": round(t.max_ms, 4),
+            "ratio_to_dense": round(t.median_ms / ref.median_ms, 4),
+            "macs_ratio": round(macs[(v, c)] / macs[("dense", 1.0)], 4),
+            "samples": t.samples, "calls_per_sample": t.calls_per_sample,
+            **({"layout": "none" if v == "dense" else layouts[(v, c)]} if b == "ort" else {}),
+        })
+    return {
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "compress": compresses if many else compresses[0],
+        "batch": batch,
+        "threads": threads,
+        "input_size": list(size),
+        "inputs": describe(dense, x),
+        "repeat": repeat,
+        "ort_layout": ort_layout,
+        "warmup": warmup,
+        "versions": versions(),
+        "machine": machine_info(),
+        "macs": {"dense": macs[("dense", 1.0)]},
+        "results": results,
+    }
+
+
+def _train_runner_copy(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    # a copy, so that train mode (BatchNorm statistics) does not touch the inference model
+    import copy
+
+    return train_runner(copy.deepcopy(model), x)
+
+
+def _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress):
+    """Backend by backend (two runtimes' thread pools never alternate), variants interleaved."""
+    groups: dict[str, dict] = {}
+    for key, fn in runners.items():
+        groups.setdefault(key[-1], {})[key] = fn
+    out: dict = {}
+    if not show_progress:
+        for group in groups.values():
+            out.update(measure(group, warmup=warmup, repeat=repeat, min_sample_ms=min_sample_ms))
+        return out
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("timing", total=repeat * len(runners))
+        for group in groups.values():
+            out.update(measure(group, warmup=warmup, repeat=repeat, min_sample_ms=min_sample_ms,
+                               progress=lambda: bar.advance(task)))
+    return out

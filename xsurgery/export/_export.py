@@ -1,0 +1,279 @@
+"""The export driver: :func:`export_onnx` (layouts, export, metadata, verification, timing)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import UserError
+from ..layers import XLinear
+from . import _ort
+from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
+from ._meta import _metadata
+from ._trace import _dynamic_axes, _flat_outputs, _FlatInputs, _plain, _torch_export
+from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
+
+LAYOUTS = ("auto", "gather", "dense")
+DEFAULT_OPSET = 18  # read by every ORT of the last years; Gather/Conv/MatMul gain nothing from newer ones
+MAX_OPSET = 23  # the newest the TorchScript exporter writes (torch 2.14)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and measured.
+
+    ``max_rel_err`` is ``max|y_ort - y_torch| / max|y_torch|`` (the error relative to the
+    output's scale, over all outputs); verification fails when
+    ``max_abs_err > atol + rtol * max|y_torch|``. Latencies are ORT medians in milliseconds.
+    """
+
+    path: str
+    layout: str
+    layers: dict[str, str] = field(default_factory=dict)
+    layer_timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+    input_names: list[str] = field(default_factory=lambda: ["input"])
+    dynamic_batch: bool = True
+    opset: int = DEFAULT_OPSET
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
+    verified_on: str = "the model"
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Exported / dense latency (< 1: the export is faster)."""
+        if self.latency_ms is None or not self.dense_latency_ms:
+            return None
+        return self.latency_ms / self.dense_latency_ms
+
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    *,
+    input_size=None,
+    example_inputs: Any = None,
+    layout: str = "auto",
+    opset: int | None = None,
+    static_batch: int | None = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    benchmark: bool = False,
+    force: bool = False,
+    threads: int | None = None,
+    verbose: bool = True,
+    allow_nonfinite: bool = False,
+) -> ExportResult:
+    """Export ``model`` (X-layers or none) to ONNX, check it, verify it in ORT, write ``path``.
+
+    Args:
+        model: any module the TorchScript exporter handles; not modified.
+        path: output ``.onnx`` file, written atomically (temp file + rename) only on success.
+        input_size: ``H``, ``(H, W)`` or ``(C, H, W)`` (the feature size / length for models
+            starting with a Linear / Conv1d / Embedding); default the model's own example.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (or ``--input`` spec strings): the ONNX inputs, named after ``forward``'s parameters
+            or the dict keys (a lone tensor is ``input``), with their dtypes; axis 0 is a
+            dynamic batch and axis 1 of integer inputs a dynamic sequence. The verification
+            runs at twice the batch and half the sequence length.
+        layout: ``gather``, ``dense`` or ``auto`` (time both per layer, keep the faster).
+        opset: ONNX opset (default :data:`DEFAULT_OPSET`).
+        static_batch: fix the batch size to this; default a dynamic batch axis.
+        verify: run the file in ORT on a random input and compare with torch (eval mode).
+        rtol: fail when ``max|y_ort - y_torch| > atol + rtol * max|y_torch|``.
+        atol: absolute floor of that tolerance (matters only for outputs near zero).
+        benchmark: also time the dense original exported the same way (ratio in this run).
+        force: overwrite an existing ``path``.
+        threads: ORT intra-op threads for timing and verification (default: ORT's).
+        verbose: print per-layer choices, errors and latencies.
+        allow_nonfinite: export NaN/inf weights instead of refusing them (verification
+            still fails on non-finite outputs; pass ``verify=False`` too).
+
+    Verification fails on NaN/inf in either output. When the outputs are the same for every
+    input (a zero-initialised head), it says so and verifies a copy whose all-zero
+    parameters are filled randomly, exported with the same layouts.
+
+    Raises:
+        UserError: bad arguments, non-finite weights, an op without an ONNX form (named
+            with its layer), or a verification above tolerance (no file is left behind).
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
+
+    log = print if verbose else (lambda *a, **k: None)
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if not 7 <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be between 7 and {MAX_OPSET}, got {opset}")
+    if static_batch is not None and (isinstance(static_batch, bool) or int(static_batch) < 1):
+        raise UserError(f"--static-batch must be a positive integer, got {static_batch}")
+    if not rtol >= 0 or not atol >= 0:
+        raise UserError(f"--rtol/--atol must be >= 0, got {rtol}/{atol}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder {folder} does not exist")
+
+    from .._inputs import describe, flat_tensors, input_names, resample, resolve
+
+    base = copy.deepcopy(model).cpu().eval()
+    if not allow_nonfinite:
+        from .._manifest import check_finite
+
+        check_finite({**dict(base.named_parameters()), **dict(base.named_buffers())}, "export")
+    layers = _x_layers(base)
+    example = resolve(base, example_inputs, input_size, batch=int(static_batch or 1))
+    if example is None:
+        raise UserError("export needs an example input for this model: pass --input SHAPE[:DTYPE] (or "
+                        "--input-size; example_inputs= in Python)")
+    example = _to_cpu(example)
+    dynamic = static_batch is None
+    flat = flat_tensors(example)
+    in_names = input_names(base, example)
+    in_axes = _dynamic_axes(example, in_names, flat)
+    shape = tuple(flat[0].shape)
+    names = [n for n, _ in layers]
+    out, shapes = _run_recording(base, example, names)
+    n_out = len(_flat_outputs(out))
+    if n_out == 0:
+        raise UserError("the model returns no tensors; nothing to export")
+    # the verification input: twice the batch and half the sequence of a dynamic export, to
+    # exercise its dynamic axes
+    by_name = dict(zip(in_names, flat))
+
+    def verify_shape(name: str, t: torch.Tensor) -> list[int]:
+        key = next((n for n, v in by_name.items() if v is t), None)
+        new = list(t.shape)
+        for axis in in_axes.get(key, {}) if dynamic else {}:
+            new[axis] = 2 * new[axis] if axis == 0 else max(1, new[axis] // 2)
+        return new
+
+    example_v = resample(example, seed=1, shape_fn=verify_shape)
+    ref, shapes_v = None, None
+    if verify or (dynamic and any(isinstance(m, XLinear) for _, m in layers)):
+        ref, shapes_v = _run_recording(base, example_v, names)
+    inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
+    x = tuple(flat)
+    exported = base if _plain(example) else _FlatInputs(base, example)
+    prefix = "" if _plain(example) else "model."
+
+    def with_layouts(choice: dict[str, str]) -> nn.Module:
+        return _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
+                             {prefix + k: v for k, v in inner.items()})
+
+    def export_to(module: nn.Module, f: Any) -> None:
+        _torch_export(module, x, f, opset, dynamic, n_out, in_names, in_axes)
+
+    timings: dict[str, dict[str, float]] = {}
+    if layout == "auto" and layers:
+        log(f"timing gather vs dense per X-layer in ONNX Runtime (batch {shape[0]}):")
+        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log)
+    else:
+        choices = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
+
+    result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
+                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        export_to(with_layouts(choices), tmp)
+        feed = _feed(in_names, flat)
+        need_dense = benchmark or (layout == "auto" and "gather" in choices.values())
+        dense_sess = None
+        if need_dense:
+            dense_bytes = io.BytesIO()
+            export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
+            dense_sess = _ort._session(dense_bytes.getvalue(), threads)
+        if layout == "auto" and "gather" in choices.values():
+            # layers timed alone miss cache effects between them: the whole model decides
+            # between the per-layer mix and the two uniform layouts
+            candidates = {"per-layer choices": choices, "all-dense": dict.fromkeys(choices, "dense")}
+            sessions = [_ort._session(tmp, threads), dense_sess]
+            if "dense" in choices.values():
+                gather_bytes = io.BytesIO()
+                all_gather = dict.fromkeys(choices, "gather")
+                export_to(with_layouts(all_gather), gather_bytes)
+                candidates["all-gather"] = all_gather
+                sessions.append(_ort._session(gather_bytes.getvalue(), threads))
+            times = _ort._time_sessions(sessions, feed, budget_s=_ort.MODEL_TIMING_S)
+            # a gather form must beat all-dense by the margin: closer is noise, and dense is the
+            # form with the widest runtime support (MobileNet-V2 gained nothing, docs/bench)
+            best = min(range(len(times)), key=lambda i: times[i] / (_ort.GATHER_MARGIN if i == 1 else 1.0))
+            log("whole model: " + ", ".join(f"{k} {t:.3f} ms" for k, t in zip(candidates, times))
+                + f"; keeping {list(candidates)[best]}")
+            if best:
+                choices = list(candidates.values())[best]
+                result.layers = choices
+                export_to(with_layouts(choices), tmp)
+
+        proto = onnx.load(tmp)
+        inputs = describe(base, example) if not _plain(example) else None
+        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(proto, tmp)
+        del proto
+        onnx.checker.check_model(tmp, full_check=True)
+        if layers:
+            n_g = sum(v == "gather" for v in choices.values())
+            log(f"layout {layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
+
+        sess = _ort._session(tmp, threads)
+        if verify:
+            from .._inputs import call
+
+            flat_v = flat_tensors(example_v)
+            vb = list(flat_v[0].shape)
+            flat_ref, got = _flat_outputs(ref), sess.run(None, _feed(in_names, flat_v))
+            if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
+                vmodel, filled = _perturbed(base)
+                with torch.no_grad():
+                    flat_ref = _flat_outputs(call(vmodel, example_v))
+                    still = _constant(flat_ref, _flat_outputs(call(vmodel, example)))
+                if not filled or still:
+                    raise UserError("the model's outputs are the same for every input, so verification compares "
+                                    "nothing; check the weights (or pass --no-verify to export unverified)")
+                log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
+                    f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
+                vexported = vmodel if _plain(example) else _FlatInputs(vmodel, example)
+                vbytes = io.BytesIO()
+                _torch_export(_with_layouts(vexported, {prefix + k: v for k, v in choices.items()},
+                                            {prefix + k: v for k, v in inner.items()}),
+                              x, vbytes, opset, dynamic, n_out, in_names, in_axes)
+                got = _ort._session(vbytes.getvalue(), threads).run(None, _feed(in_names, flat_v))
+                result.verified_on = "perturbed copy: " + ", ".join(filled)
+            abs_err, scale, rel = _errors(flat_ref, got)
+            result.max_abs_err, result.max_rel_err = abs_err, rel
+            log(f"verification (input {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
+                f"(relative to max|output| = {scale:.3g})")
+            if not abs_err <= atol + rtol * scale:
+                raise UserError(f"ONNX Runtime output differs from torch: max abs err {abs_err:.3g} > "
+                                f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
+        if benchmark:
+            ms, dense_ms = _ort._time_sessions([sess, dense_sess], feed, budget_s=_ort.BENCHMARK_S, min_reps=10, warmup=5)
+            result.latency_ms, result.dense_latency_ms = ms, dense_ms
+            log(f"ORT latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
+                f"ratio {ms / dense_ms:.3f}")
+        del sess, dense_sess
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log(f"wrote {path}")
+    return result

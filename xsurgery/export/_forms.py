@@ -1,0 +1,106 @@
+"""The two export forms of an X-layer (gather / dense) and a model copy with chosen forms."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import UserError
+from ..layers import X_LAYERS, XLinear
+
+
+class _GatherLinear(nn.Module):
+    """Export form of an XLinear: Gather on the feature axis + a grouped 1x1 Conv (a grouped matmul).
+
+    The rows are laid out ``[1, C_in, M]`` (M = all leading positions) so that the Gather
+    copies contiguous rows and the grouped Conv runs G GEMMs of ``[O/G, D] x [D, M]``; ORT's
+    Gather on the innermost axis copies element by element and was up to 30x slower.
+    """
+
+    def __init__(self, layer: XLinear, inner_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.blocks, self.in_features, self.out_features = layer.blocks, layer.in_features, layer.out_features
+        # the dims between batch and features when they are fixed: the output reshape then has
+        # a constant shape instead of a Shape/Gather/Concat chain per layer
+        self.inner_shape = inner_shape
+        self.identity = bool(layer._identity)
+        self.register_buffer("index", layer.index.detach().clone())
+        self.register_buffer("weight", layer.weight.detach().unsqueeze(-1).clone())  # [O, D, 1]
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = (-1, *self.inner_shape) if self.inner_shape is not None else x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, C_in, M]
+        if not self.identity:
+            rows = rows.index_select(1, self.index)
+        y = F.conv1d(rows, self.weight, self.bias, groups=self.blocks)  # [1, C_out, M]
+        return y.squeeze(0).t().reshape(*lead, self.out_features)
+
+
+def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
+
+
+def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | None = None) -> nn.Module:
+    if layout == "dense":
+        return layer.to_dense()
+    if isinstance(layer, XLinear):
+        return _GatherLinear(layer, inner_shape)
+    layer = copy.copy(layer)  # shares parameters; only the execution attribute differs
+    layer.execution = "gather"
+    return layer
+
+
+def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tuple[int, ...] | None]) -> nn.Module:
+    out = copy.deepcopy(model)
+    for name, layout in choices.items():
+        if not name:  # the model is itself an X-layer
+            return _layer_form(out, layout, inner.get(name))
+        out.set_submodule(name, _layer_form(out.get_submodule(name), layout, inner.get(name)))
+    return out
+
+
+def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
+    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw."""
+    from .._inputs import call, first_error_line, shapes_text
+
+    seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
+    hooks = []
+    for name in names:
+        def hook(_m, args, _name=name):
+            if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape) not in seen[_name]:
+                seen[_name].append(tuple(args[0].shape))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = call(model, example)
+    except Exception as exc:
+        raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
+                        f"{first_error_line(exc)}; give an input it takes (--input / --input-size)") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+def _inner_shapes(layers, shapes: dict, other: dict | None) -> dict[str, tuple | None]:
+    """Per XLinear the fixed dims of its input between batch and features, if they are fixed.
+
+    ``other`` holds the shapes seen at twice the batch (dynamic export): only dims that do
+    not change with the batch may become constants; ``None`` (static batch) trusts them all.
+    """
+    inner: dict[str, tuple | None] = {}
+    for n, m in layers:
+        if not isinstance(m, XLinear):
+            continue
+        s = shapes[n]
+        ok = len(s) == 1 and len(s[0]) >= 2
+        if ok and other is not None:
+            o = other[n]
+            ok = len(o) == 1 and len(o[0]) == len(s[0]) and o[0][0] == 2 * s[0][0] and o[0][1:] == s[0][1:]
+        inner[n] = tuple(s[0][1:-1]) if ok else None
+    return inner

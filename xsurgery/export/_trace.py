@@ -1,0 +1,159 @@
+"""torch -> ONNX with the TorchScript exporter, and one-line errors naming the op and layer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import UserError
+
+
+class _FlatInputs(nn.Module):
+    """Calls ``model`` with the example's structure from a flat list of tensors (the ONNX inputs).
+
+    Positional inputs come first, then keyword inputs in the example's order; a list of
+    tensors (torchvision detection's images) is one entry per tensor.
+    """
+
+    def __init__(self, model: nn.Module, example: tuple) -> None:
+        super().__init__()
+        self.model = model
+        args, kwargs = example
+        self.layout = [("arg", None, len(a) if isinstance(a, list) else None) for a in args]
+        self.layout += [("kw", k, len(v) if isinstance(v, list) else None) for k, v in kwargs.items()]
+
+    def forward(self, *flat: torch.Tensor) -> Any:
+        args, kwargs, i = [], {}, 0
+        for where, key, n in self.layout:
+            value = list(flat[i:i + n]) if n is not None else flat[i]
+            i += n if n is not None else 1
+            if where == "arg":
+                args.append(value)
+            else:
+                kwargs[key] = value
+        return self.model(*args, **kwargs)
+
+
+def _plain(example: tuple) -> bool:
+    args, kwargs = example
+    return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+
+def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Batch on axis 0 of every input; sequence on axis 1 of integer (token) inputs."""
+    listed = isinstance(example[0][0], list) if example[0] else False
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(names, flat):
+        if listed and name.count(".") or t.dim() == 0:  # images of a list: [C, H, W], no batch axis
+            continue
+        axes[name] = {0: "batch"}
+        if t.dim() >= 2 and not t.dtype.is_floating_point and t.dtype != torch.bool:
+            axes[name][1] = "sequence"
+    return axes
+
+
+def _flat_outputs(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flat_outputs(v)]
+    return []
+
+
+def _scope_of(module: nn.Module, example: torch.Tensor | tuple, op: str) -> str | None:
+    """Qualified name of the module whose forward calls ``op`` (from the traced graph's scopes)."""
+    trace_mod = torch.jit._trace
+    previous = getattr(trace_mod, "_trace_module_map", None)
+    # the tracer names a node's scope after the modules it is called from, by this map
+    trace_mod._trace_module_map = {m: f"layer::{name}" for name, m in module.named_modules()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph, _ = torch.jit._get_trace_graph(module, example if isinstance(example, tuple) else (example,))
+    except Exception:
+        return None
+    finally:
+        trace_mod._trace_module_map = previous
+    stack = [graph]
+    while stack:
+        for node in stack.pop().nodes():
+            if node.kind() == op:
+                scope = node.scopeName()
+                return scope.rsplit("::", 1)[-1] if scope else ""
+            stack.extend(node.blocks())
+    return None
+
+
+def _export_error(exc: BaseException, opset: int, module: nn.Module, example: torch.Tensor | tuple) -> UserError:
+    """One line naming the op and the layer that calls it."""
+    text = str(exc)
+    m = re.search(r"operator '([\w:.]+)'", text) or re.search(r"kind '([\w:.]+)'", text)
+    if m is None:
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return UserError(f"ONNX export failed at opset {opset}: {first[:300]}")
+    op = m.group(1)
+    layer = _scope_of(module, example, op)
+    where = "an unknown layer" if layer is None else (f"layer {layer!r}" if layer else "the model's own forward")
+    return UserError(f"cannot export to ONNX: operator {op} in {where} has no ONNX form at opset {opset} "
+                     f"(replace that layer or try another --opset)")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keep the TorchScript exporter from dumping its IR graph to stderr when it fails.
+
+    torch 2.14's ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled``
+    instead of calling it, so the exporter's log is always on.
+    """
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+    except ImportError:  # pragma: no cover - other torch versions
+        yield
+        return
+    original = getattr(ts_utils, "setup_onnx_logging", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+    ts_utils.setup_onnx_logging = lambda verbose: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        ts_utils.setup_onnx_logging = original
+        torch._C._jit_set_onnx_log_enabled(False)
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor | tuple, f: Any, opset: int, dynamic: bool, n_out: int,
+                 input_names: list[str] | None = None, input_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export ``module(*example)``; ``input_axes`` are the inputs' dynamic axes (default batch on "input")."""
+    names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    example = example if isinstance(example, tuple) else (example,)
+    input_names = input_names or ["input"]
+    axes = None
+    if dynamic:
+        axes = dict(input_axes) if input_axes is not None else {"input": {0: "batch"}}
+        axes.update({n: {0: "batch"} for n in names})
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        try:
+            torch.onnx.export(
+                module, example, f, input_names=input_names, output_names=names, dynamic_axes=axes,
+                opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise _export_error(exc, opset, module, example) from exc
+
+
+def _to_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    buf = io.BytesIO()
+    _torch_export(module, example, buf, opset, dynamic=False, n_out=1)
+    return buf.getvalue()
