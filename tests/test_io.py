@@ -81,7 +81,7 @@ def test_full_disk_and_read_only_folder_are_one_line(tmp_path, ckpt, capsys, mon
             m.setattr(_io.os, "fsync", fail)  # the data is written, flushing it finds the disk full
         else:
             m.setattr(_io.tempfile, "mkstemp", fail)  # the folder refuses new files
-        for argv, out in _outputs(tmp_path, ckpt)[:4]:
+        for argv, out in _outputs(tmp_path, ckpt)[:5]:
             _one_line(capsys, argv, match)
             assert not os.path.exists(out)
         run = str(tmp_path / "run")
