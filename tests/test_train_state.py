@@ -1,6 +1,7 @@
 """A run survives any kill, and one folder is written by one run (xsurgery/_train_state.py)."""
 
 import builtins
+import errno
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ MUTATIONS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "unlink"), (os,
 
 class _Killer:
     def __init__(self, monkeypatch):
-        self.armed, self.dead, self.count, self.at, self.steps = False, False, 0, None, []
+        self.armed, self.dead, self.count, self.at, self.steps, self.fail = False, False, 0, None, [], None
         for mod, name in MUTATIONS:
             label = "os.open" if (mod, name) == (os, "open") else name
             monkeypatch.setattr(mod, name, self._wrap(getattr(mod, name), label))
@@ -76,14 +77,16 @@ class _Killer:
                 self.count += 1
                 self.steps.append(f"{name}({os.path.basename(str(args[0])) if args else ''})")
                 if self.count == self.at:
+                    if self.fail is not None:  # a failure the process survives: cleanup runs after it
+                        raise self.fail()
                     self.dead = True
                     raise _Killed(name)
             return fn(*args, **kwargs)
 
         return step
 
-    def arm(self, at):
-        self.dead, self.count, self.at, self.steps = False, 0, at, []
+    def arm(self, at, fail=None):
+        self.dead, self.count, self.at, self.steps, self.fail = False, 0, at, [], fail
 
 
 def test_kill_at_every_write_step_of_a_save_then_resume(tmp_path, monkeypatch):
@@ -101,12 +104,20 @@ def test_kill_at_every_write_step_of_a_save_then_resume(tmp_path, monkeypatch):
     assert len(steps) >= 10 and any(s.startswith("replace(train_state.json") or "train_state.json" in s
                                     for s in steps), steps
     want = xsurgery.load(str(tmp_path / "full" / "last.xs")).state_dict()
-    for k in range(1, len(steps) + 1):
+    def disk_full():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # a kill at every step; a full disk and Ctrl-C (cleanup runs) at every third
+    cases = [(k, None) for k in range(1, len(steps) + 1)]
+    cases += [(k, disk_full if k % 2 else KeyboardInterrupt) for k in range(1, len(steps) + 1, 3)]
+    for k, fail in cases:
         run = tmp_path / f"kill{k}"
         shutil.copytree(base, run)
-        killer.arm(k)
-        with pytest.raises(_Killed):
+        killer.arm(k, fail)
+        with pytest.raises(KeyboardInterrupt if fail is KeyboardInterrupt else UserError if fail else _Killed) as info:
             train(_recipe(run), resume=True, quiet=True)
+        if fail is disk_full:
+            assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
         killer.arm(None)
         # whatever instant: the published checkpoint is complete, the commit record readable
         state = json.loads((run / "train_state.json").read_text())
@@ -199,3 +210,21 @@ def test_concurrent_runs_one_folder(tmp_path):
     history = train(load_recipe(DIGITS, [f"output={folder}", *TINY[:3], f"epochs={done + 1}"]), resume=True, quiet=True)
     assert [h["epoch"] for h in history] == list(range(1, done + 2))
     assert _train_state.STATE_JSON in os.listdir(folder)
+
+
+def test_set_up_mistakes_are_one_line_before_any_step(tmp_path, capsys, monkeypatch):
+    from xsurgery import train as train_module
+    from xsurgery.cli import main
+
+    steps = []
+    monkeypatch.setattr(train_module.torch.optim.SGD, "step", lambda *a, **k: steps.append(1))
+    (tmp_path / "a.xs").write_bytes(b"a checkpoint")
+    for extra, match in (([f"output={tmp_path / 'a.xs'}"], "is a file; set output= to a folder"),
+                         ([f"output={tmp_path / 'nc'}", "model.kwargs.num_classes=5"],
+                          "the model has 5 outputs but digits has 10 classes; set model.kwargs.num_classes=10")):
+        capsys.readouterr()
+        assert main(["train", DIGITS, *TINY, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("xsurgery: error:") and match in err, err
+    assert steps == [] and (tmp_path / "a.xs").read_bytes() == b"a checkpoint"
+    assert os.listdir(tmp_path / "nc") == []  # nothing left that would block the corrected run

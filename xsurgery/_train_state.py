@@ -278,6 +278,12 @@ class Run:
                 ``{"best.xs": lambda p: save(best, p, force=True)}``); an artifact of an earlier
                 epoch that is not passed again is carried over unchanged.
         """
+        try:
+            self._save(model, opt, scaler, scalars, history, artifacts)
+        except OSError as exc:  # e.g. removing an old stage on a disk that just failed: one line
+            raise _io.os_error(exc.filename or self.folder, exc) from exc
+
+    def _save(self, model, opt, scaler, scalars, history, artifacts) -> None:
         from .checkpoint import save
 
         previous = self._committed()
