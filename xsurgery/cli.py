@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seed(args: argparse.Namespace) -> None:
+    """Random weights (a model built from its name, X-layer initialisation) come from the
+    global RNG: seed it from --seed so the same command writes the same bytes."""
+    import torch
+
+    seed = getattr(args, "seed", None)
+    torch.manual_seed(seed if isinstance(seed, int) else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with signals_raise():
+            _seed(args)
             return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:
@@ -260,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xsurgery: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        from ._memory import is_out_of_memory
+
+        if args.debug or not is_out_of_memory(exc):
+            raise
+        print(f"xsurgery: error: out of memory ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
+              f"use a smaller input size, batch or model", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

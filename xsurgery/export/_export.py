@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._errors import UserError
+from .._io import TMP_PREFIX, check_output, os_error, remove_stale_temps
 from ..layers import XLinear
 from . import _ort
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
@@ -125,10 +126,7 @@ def export_onnx(
         raise UserError(f"--rtol/--atol must be >= 0, got {rtol}/{atol}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder {folder} does not exist")
+    check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
 
     from .._inputs import describe, flat_tensors, input_names, resample, resolve
 
@@ -189,7 +187,13 @@ def export_onnx(
 
     result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
                           input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    # our temp-file naming (writer's pid), so a SIGKILLed export's orphan is removed later
+    suffix = "-" + os.path.basename(path)[:64]
+    remove_stale_temps(folder, suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise os_error(path, exc) from exc
     os.close(fd)
     try:
         export_to(with_layouts(choices), tmp)
@@ -278,7 +282,13 @@ def export_onnx(
             log(f"ORT latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
                 f"ratio {ms / dense_ms:.3f}")
         del sess, dense_sess
+        if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
+            raise UserError(f"{path} exists; pass --force to overwrite it")
+        with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
+        raise os_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
