@@ -163,18 +163,10 @@ def train_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
 
 
 def _ort_session(path: str | os.PathLike, threads: int | None):
-    import onnxruntime as ort
+    """The session export's ``layout="auto"`` times with (spinning off): one way of timing."""
+    from ..export._ort import session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    # idle pool threads must not spin: they would steal the cores from the next runner timed
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads)
 
 
 def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:

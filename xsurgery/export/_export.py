@@ -46,6 +46,8 @@ class ExportResult:
     max_rel_err: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
+    model_timings_ms: dict[str, float] = field(default_factory=dict)  # auto's whole-model medians
+    auto_pick: str | None = None  # all-dense, all-gather or per-layer choices
     verified_on: str = "the model"
 
     @property
@@ -192,35 +194,38 @@ def export_onnx(
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        export_to(with_layouts(choices), tmp)
+        if not (layout == "auto" and layers):  # auto writes its pick below
+            export_to(with_layouts(choices), tmp)
         feed = _feed(in_names, flat)
-        need_dense = benchmark or (layout == "auto" and "gather" in choices.values())
         dense_sess = None
-        if need_dense:
+        if benchmark or (layout == "auto" and layers):
             dense_bytes = io.BytesIO()
             export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
             dense_sess = _ort._session(dense_bytes.getvalue(), threads)
-        if layout == "auto" and "gather" in choices.values():
-            # layers timed alone miss cache effects between them: the whole model decides
-            # between the per-layer mix and the two uniform layouts
-            candidates = {"per-layer choices": choices, "all-dense": dict.fromkeys(choices, "dense")}
-            sessions = [_ort._session(tmp, threads), dense_sess]
-            if "dense" in choices.values():
-                gather_bytes = io.BytesIO()
-                all_gather = dict.fromkeys(choices, "gather")
-                export_to(with_layouts(all_gather), gather_bytes)
-                candidates["all-gather"] = all_gather
-                sessions.append(_ort._session(gather_bytes.getvalue(), threads))
-            times = _ort._time_sessions(sessions, feed, budget_s=_ort.MODEL_TIMING_S)
-            # a gather form must beat all-dense by the margin: closer is noise, and dense is the
-            # form with the widest runtime support (MobileNet-V2 gained nothing, docs/bench)
-            best = min(range(len(times)), key=lambda i: times[i] / (_ort.GATHER_MARGIN if i == 1 else 1.0))
-            log("whole model: " + ", ".join(f"{k} {t:.3f} ms" for k, t in zip(candidates, times))
-                + f"; keeping {list(candidates)[best]}")
-            if best:
-                choices = list(candidates.values())[best]
-                result.layers = choices
-                export_to(with_layouts(choices), tmp)
+        if layout == "auto" and layers:
+            # layers timed alone miss cache effects and the runtime's layout changes between
+            # them: the whole model decides between all-dense, all-gather and the per-layer mix,
+            # timed as `xsurgery bench` times (same session options, threads and batch)
+            all_dense, all_gather = dict.fromkeys(choices, "dense"), dict.fromkeys(choices, "gather")
+            candidates = {"all-dense": all_dense, "all-gather": all_gather}
+            if choices not in (all_dense, all_gather):
+                candidates["per-layer choices"] = choices
+            sessions = [dense_sess]
+            for choice in list(candidates.values())[1:]:
+                buf = io.BytesIO()
+                export_to(with_layouts(choice), buf)
+                sessions.append(_ort._session(buf.getvalue(), threads))
+            cmp = _ort.compare_sessions(list(candidates), sessions, feed, dense=0)
+            del sessions
+            pick = cmp.names[cmp.pick]
+            log(f"whole model ({cmp.rounds} rounds): " + ", ".join(
+                f"{k} {t:.3f} ms" + (f" (beats all-dense in {100 * w:.0f}% of rounds)" if k != "all-dense" else "")
+                for k, t, w in zip(cmp.names, cmp.median_ms, cmp.wins_vs_dense)) + f"; keeping {pick}: {cmp.reason}")
+            result.model_timings_ms = {k: round(t, 4) for k, t in zip(cmp.names, cmp.median_ms)}
+            result.auto_pick = pick
+            choices = candidates[pick]
+            result.layers = choices
+            export_to(with_layouts(choices), tmp)
 
         proto = onnx.load(tmp)
         inputs = describe(base, example) if not _plain(example) else None
