@@ -15,9 +15,10 @@ from __future__ import annotations
 from ._cli import add_cli
 from ._measure import Timing, count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
 from ._output import markdown_table, plot, print_table, write_json
-from ._run import BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+from ._run import ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
 
 __all__ = [
+    "ALL_VARIANTS",
     "BACKENDS",
     "ORT_LAYOUTS",
     "Timing",

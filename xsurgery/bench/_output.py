@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._run import BACKENDS, VARIANTS
+from ._run import ALL_VARIANTS, BACKENDS
 
 
 def print_table(result: dict[str, Any], console=None) -> None:
@@ -23,7 +23,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
     for col in ("variant", "C", "backend", "median ms", "IQR ms", "x dense", "MACs x", "x limit"):
         table.add_column(col, justify="left" if col in ("variant", "backend") else "right")
     order = {b: i for i, b in enumerate(BACKENDS)}
-    vorder = {v: i for i, v in enumerate(VARIANTS)}
+    vorder = {v: i for i, v in enumerate(ALL_VARIANTS)}
     rows = sorted(result["results"], key=lambda r: (order[r["backend"]], r["compress"] if r["variant"] != "dense"
                                                     else 0, vorder[r["variant"]]))
     last = None
@@ -48,7 +48,7 @@ def markdown_table(result: dict[str, Any], backends: Sequence[str] = BACKENDS) -
     present = [b for b in backends if any(r["backend"] == b for r in rows)]
     by = {(r["variant"], r["compress"], r["backend"]): r for r in rows}
     keys = sorted({(r["variant"], r["compress"]) for r in rows},
-                  key=lambda k: (k[1] if k[0] != "dense" else 0, VARIANTS.index(k[0])))
+                  key=lambda k: (k[1] if k[0] != "dense" else 0, ALL_VARIANTS.index(k[0])))
     lines = ["| variant | C | " + " | ".join(present) + " | MACs |", "|---|---|" + "---|" * (len(present) + 1)]
     for v, c in keys:
         cells = []
@@ -78,7 +78,7 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, b in zip(axes[0], backends):
         mine = [r for r in rows if r["backend"] == b and r["variant"] != "dense"]
-        for v in VARIANTS[1:]:
+        for v in ALL_VARIANTS[1:]:
             pts = sorted((r["compress"], r["ratio_to_dense"]) for r in mine if r["variant"] == v)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=v)

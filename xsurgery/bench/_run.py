@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from .._errors import UserError
-from ._measure import count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+from ._baselines import BASELINES, baseline
+from ._measure import _call, count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
+# what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
+ALL_VARIANTS = VARIANTS + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
 
 # convert() options per variant; "default" is convert() with no options (and export with none).
@@ -118,7 +121,9 @@ def bench(
         batch: batch size N of the timed input ``[N, *input_size]``.
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
         backends: subset of :data:`BACKENDS`.
-        variants: subset of :data:`VARIANTS`; ``dense`` is always measured (the reference).
+        variants: subset of :data:`ALL_VARIANTS`; ``dense`` is always measured (the reference).
+            ``thin``, ``tp`` and ``tp8`` are dense models at the ``default`` X-model's MACs
+            (see :mod:`xsurgery.bench._baselines`); how each was made is in ``baselines``.
         repeat: timed rounds; every (variant, backend) runs once per round.
         input_size: ``(C, H, W)`` (or the feature shape); default from the model.
         warmup: untimed rounds.
@@ -138,7 +143,7 @@ def bench(
         number given, or the list when several were.
     """
     backends = _check_choices(backends, BACKENDS, "backend")
-    variants = _check_choices(variants, VARIANTS, "variant")
+    variants = _check_choices(variants, ALL_VARIANTS, "variant")
     many = not isinstance(compress, (int, float))
     compresses = [float(c) for c in (compress if many else [compress])]
     if not compresses or any(c < 1 for c in compresses):
@@ -168,12 +173,22 @@ def bench(
             raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
         size = per_sample_size(x)
         models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
+        made: dict[str, dict[str, Any]] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
             for c in compresses:
                 for v in variants:
-                    if v != "dense":
+                    if v != "dense" and v not in BASELINES:
                         models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
+                wanted = [v for v in variants if v in BASELINES]
+                if wanted:
+                    ref = models.get(("default", c)) or _convert(dense, c, VARIANT_OPTIONS["default"], x)
+                    target = count_macs(ref, x)
+                    for v in wanted:
+                        models[(v, c)], how = baseline(v, dense, target, _tensor_or(x), lambda m: count_macs(m, x),
+                                                       _call)
+                        made[f"{v}-{c:g}"] = how
+                        models[(v, c)].eval()
         macs = {key: count_macs(m, x) for key, m in models.items()}
         with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
             runners: dict[Hashable, Callable[[], Any]] = {}
@@ -217,8 +232,16 @@ def bench(
         "versions": versions(),
         "machine": machine_info(),
         "macs": {"dense": macs[("dense", 1.0)]},
+        **({"baselines": made} if made else {}),
         "results": results,
     }
+
+
+def _tensor_or(x: Any) -> Any:
+    """The lone tensor of an ``(args, kwargs)`` example (what Torch-Pruning traces with), else ``x``."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], dict) and not x[1] and len(x[0]) == 1:
+        return x[0][0]
+    return x
 
 
 def _train_runner_copy(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
