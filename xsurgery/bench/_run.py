@@ -17,7 +17,8 @@ from ._measure import _call, count_macs, machine_info, measure, ort_runner, torc
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
-ALL_VARIANTS = VARIANTS + BASELINES
+# x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
+ALL_VARIANTS = VARIANTS + ("x-paired",) + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
 
 # convert() options per variant; "default" is convert() with no options (and export with none).
@@ -29,6 +30,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "x-exact": {"graph": "exact"},
     "masked": {"mixing": 2, "execution": "masked"},
     "default": {},
+    "x-paired": {"graph": "paired"},
 }
 
 
