@@ -14,9 +14,10 @@ from torch import nn
 
 from .._errors import UserError
 from ..layers import XLinear
-from . import _ort
+from . import _ort, _ov
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
 from ._meta import _metadata
+from ._ov import RUNTIMES
 from ._trace import _dynamic_axes, _flat_outputs, _FlatInputs, _plain, _torch_export
 from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
 
@@ -48,6 +49,7 @@ class ExportResult:
     dense_latency_ms: float | None = None
     model_timings_ms: dict[str, float] = field(default_factory=dict)  # auto's whole-model medians
     auto_pick: str | None = None  # all-dense, all-gather or per-layer choices
+    runtime: str = "onnxruntime"  # where auto timed, and the file was verified and benchmarked
     verified_on: str = "the model"
 
     @property
@@ -74,6 +76,7 @@ def export_onnx(
     benchmark: bool = False,
     force: bool = False,
     threads: int | None = None,
+    runtime: str = "onnxruntime",
     verbose: bool = True,
     allow_nonfinite: bool = False,
 ) -> ExportResult:
@@ -97,7 +100,9 @@ def export_onnx(
         atol: absolute floor of that tolerance (matters only for outputs near zero).
         benchmark: also time the dense original exported the same way (ratio in this run).
         force: overwrite an existing ``path``.
-        threads: ORT intra-op threads for timing and verification (default: ORT's).
+        threads: intra-op threads for timing and verification (default: the runtime's).
+        runtime: ``onnxruntime`` or ``openvino``: the runtime ``auto`` times its candidates in,
+            and where the file is verified and benchmarked (OpenVINO: optional dependency).
         verbose: print per-layer choices, errors and latencies.
         allow_nonfinite: export NaN/inf weights instead of refusing them (verification
             still fails on non-finite outputs; pass ``verify=False`` too).
@@ -116,6 +121,12 @@ def export_onnx(
         raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
 
     log = print if verbose else (lambda *a, **k: None)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        _ov.check_installed()
+    make = _ort._session if runtime == "onnxruntime" else _ov.session
+    rt_name = "ONNX Runtime" if runtime == "onnxruntime" else "OpenVINO"
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -184,13 +195,14 @@ def export_onnx(
 
     timings: dict[str, dict[str, float]] = {}
     if layout == "auto" and layers:
-        log(f"timing gather vs dense per X-layer in ONNX Runtime (batch {shape[0]}):")
-        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log)
+        log(f"timing gather vs dense per X-layer in {rt_name} (batch {shape[0]}):")
+        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log, make)
     else:
         choices = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
 
     result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
-                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset)
+                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset,
+                          runtime=runtime)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
@@ -201,7 +213,7 @@ def export_onnx(
         if benchmark or (layout == "auto" and layers):
             dense_bytes = io.BytesIO()
             export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
-            dense_sess = _ort._session(dense_bytes.getvalue(), threads)
+            dense_sess = make(dense_bytes.getvalue(), threads)
         if layout == "auto" and layers:
             # layers timed alone miss cache effects and the runtime's layout changes between
             # them: the whole model decides between all-dense, all-gather and the per-layer mix,
@@ -214,7 +226,7 @@ def export_onnx(
             for choice in list(candidates.values())[1:]:
                 buf = io.BytesIO()
                 export_to(with_layouts(choice), buf)
-                sessions.append(_ort._session(buf.getvalue(), threads))
+                sessions.append(make(buf.getvalue(), threads))
             cmp = _ort.compare_sessions(list(candidates), sessions, feed, dense=0)
             del sessions
             pick = cmp.names[cmp.pick]
@@ -229,7 +241,7 @@ def export_onnx(
 
         proto = onnx.load(tmp)
         inputs = describe(base, example) if not _plain(example) else None
-        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs).items():
+        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs, runtime).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, tmp)
@@ -239,13 +251,15 @@ def export_onnx(
             n_g = sum(v == "gather" for v in choices.values())
             log(f"layout {layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
 
-        sess = _ort._session(tmp, threads)
+        sess = make(tmp, threads)
+        # OpenVINO: verify in f32 (a bf16 CPU's default precision is not what rtol measures)
+        vsess = sess if runtime == "onnxruntime" else _ov.session(tmp, threads, exact=True)
         if verify:
             from .._inputs import call
 
             flat_v = flat_tensors(example_v)
             vb = list(flat_v[0].shape)
-            flat_ref, got = _flat_outputs(ref), sess.run(None, _feed(in_names, flat_v))
+            flat_ref, got = _flat_outputs(ref), vsess.run(None, _feed(in_names, flat_v))
             if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
                 vmodel, filled = _perturbed(base)
                 with torch.no_grad():
@@ -261,21 +275,22 @@ def export_onnx(
                 _torch_export(_with_layouts(vexported, {prefix + k: v for k, v in choices.items()},
                                             {prefix + k: v for k, v in inner.items()}),
                               x, vbytes, opset, dynamic, n_out, in_names, in_axes)
-                got = _ort._session(vbytes.getvalue(), threads).run(None, _feed(in_names, flat_v))
+                got = (make(vbytes.getvalue(), threads) if runtime == "onnxruntime" else
+                       _ov.session(vbytes.getvalue(), threads, exact=True)).run(None, _feed(in_names, flat_v))
                 result.verified_on = "perturbed copy: " + ", ".join(filled)
             abs_err, scale, rel = _errors(flat_ref, got)
             result.max_abs_err, result.max_rel_err = abs_err, rel
             log(f"verification (input {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
                 f"(relative to max|output| = {scale:.3g})")
             if not abs_err <= atol + rtol * scale:
-                raise UserError(f"ONNX Runtime output differs from torch: max abs err {abs_err:.3g} > "
+                raise UserError(f"{rt_name} output differs from torch: max abs err {abs_err:.3g} > "
                                 f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
         if benchmark:
             ms, dense_ms = _ort._time_sessions([sess, dense_sess], feed, budget_s=_ort.BENCHMARK_S, min_reps=10, warmup=5)
             result.latency_ms, result.dense_latency_ms = ms, dense_ms
-            log(f"ORT latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
+            log(f"{rt_name} latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
                 f"ratio {ms / dense_ms:.3f}")
-        del sess, dense_sess
+        del sess, vsess, dense_sess
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -140,8 +140,11 @@ def compare_sessions(names: list[str], sessions: list, feed: dict, *, dense: int
     return Comparison(list(names), med, wins, n, pick, reason)
 
 
-def _choose_layouts(layers, shapes, inner, opset, threads, log) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Time gather vs dense of every X-layer alone (its input shape at the export batch)."""
+def _choose_layouts(layers, shapes, inner, opset, threads, log, make=None
+                    ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Time gather vs dense of every X-layer alone (its input shape at the export batch);
+    ``make(model_bytes, threads)`` makes the runtime's session (default ORT's)."""
+    make = make or session
     choices, timings = {}, {}
     gen = torch.Generator().manual_seed(1)
     for name, layer in layers:
@@ -149,7 +152,7 @@ def _choose_layouts(layers, shapes, inner, opset, threads, log) -> tuple[dict[st
             choices[name] = "dense"
             continue
         xin = torch.randn(shapes[name][0], generator=gen).to(layer.weight.dtype)
-        sessions = [session(_to_bytes(_layer_form(layer, form, inner.get(name)).eval(), xin, opset), threads)
+        sessions = [make(_to_bytes(_layer_form(layer, form, inner.get(name)).eval(), xin, opset), threads)
                     for form in ("gather", "dense")]
         # min, not median: a layer runs for microseconds to milliseconds, and on a shared machine
         # one preemption is longer than that; the fastest run is what each form can do
