@@ -244,3 +244,14 @@ def test_thin_refuses_models_whose_channels_do_not_line_up():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 2))
     with pytest.raises(UserError, match="thin"):
         thin(model, 0.3, torch.randn(1, 3, 4, 4), _call)
+
+
+def test_openvino_backend_times_files_tuned_there():
+    pytest.importorskip("openvino")
+    result = bench(tiny_model(), 2, input_size=INPUT, threads=1, backends=("ort", "openvino"),
+                   variants=("dense", "x-k2"), **FAST)
+    rows = {(r["variant"], r["backend"]): r for r in result["results"]}
+    assert set(rows) == {(v, b) for v in ("dense", "x-k2") for b in ("ort", "openvino")}
+    assert rows[("dense", "openvino")]["ratio_to_dense"] == 1.0 and rows[("x-k2", "openvino")]["median_ms"] > 0
+    assert rows[("x-k2", "openvino")]["layout"].startswith("auto") and result["versions"]["openvino"]
+    assert rows[("x-k2", "openvino")]["macs_ratio"] == rows[("x-k2", "ort")]["macs_ratio"]

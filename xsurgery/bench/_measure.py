@@ -44,7 +44,7 @@ def versions() -> dict[str, str | None]:
     from .._version import __version__
 
     out: dict[str, str | None] = {"python": platform.python_version(), "xsurgery": __version__}
-    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime"):
+    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "torch-pruning"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -167,6 +167,22 @@ def _ort_session(path: str | os.PathLike, threads: int | None):
     from ..export._ort import session
 
     return session(path, threads)
+
+
+def ov_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
+    """OpenVINO CPU inference of an exported file (latency hint, one stream, its default precision)."""
+    from .._inputs import flat_tensors
+    from ..export._ov import session
+
+    sess = session(path, threads)
+    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
+    names = [i.get_any_name() for i in sess.compiled.inputs]
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+    def run():
+        return sess.run(None, feed)
+
+    return run
 
 
 def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:

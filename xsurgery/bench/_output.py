@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._run import ALL_VARIANTS, BACKENDS
+from ._run import ALL_BACKENDS, ALL_VARIANTS
 
 
 def print_table(result: dict[str, Any], console=None) -> None:
@@ -22,7 +22,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
                          f"{result['threads']} threads  {m['cpu']}"))
     for col in ("variant", "C", "backend", "median ms", "IQR ms", "x dense", "MACs x", "x limit"):
         table.add_column(col, justify="left" if col in ("variant", "backend") else "right")
-    order = {b: i for i, b in enumerate(BACKENDS)}
+    order = {b: i for i, b in enumerate(ALL_BACKENDS)}
     vorder = {v: i for i, v in enumerate(ALL_VARIANTS)}
     rows = sorted(result["results"], key=lambda r: (order[r["backend"]], r["compress"] if r["variant"] != "dense"
                                                     else 0, vorder[r["variant"]]))
@@ -41,7 +41,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
                   "x limit = (x dense) / (MACs x), 1.0 = as fast as the MACs allow")
 
 
-def markdown_table(result: dict[str, Any], backends: Sequence[str] = BACKENDS) -> str:
+def markdown_table(result: dict[str, Any], backends: Sequence[str] = ALL_BACKENDS) -> str:
     """A Markdown table: one row per variant and compression, per backend the ratio to dense
     (with the dense median in ms in the dense row), and the MACs ratio."""
     rows = result["results"]
@@ -74,7 +74,7 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
 
     result = results if isinstance(results, dict) else results[0]
     rows = result["results"]
-    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
+    backends = [b for b in ALL_BACKENDS if any(r["backend"] == b for r in rows)]
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, b in zip(axes[0], backends):
         mine = [r for r in rows if r["backend"] == b and r["variant"] != "dense"]

@@ -13,13 +13,25 @@ from torch import nn
 
 from .._errors import UserError
 from ._baselines import BASELINES, baseline
-from ._measure import _call, count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+from ._measure import (
+    _call,
+    count_macs,
+    machine_info,
+    measure,
+    ort_runner,
+    ov_runner,
+    torch_runner,
+    train_runner,
+    versions,
+)
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
 # x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
 ALL_VARIANTS = VARIANTS + ("x-paired",) + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
+# opt-in: OpenVINO CPU (optional dependency), each variant exported with --runtime openvino
+ALL_BACKENDS = BACKENDS + ("openvino",)
 
 # convert() options per variant; "default" is convert() with no options (and export with none).
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -51,11 +63,12 @@ def _ort_layout(variant: str, ort_layout: str) -> str | None:
     return None
 
 
-def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None) -> str:
+def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None,
+                  runtime: str = "onnxruntime") -> str:
     """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given."""
     from ..export import export_onnx
 
-    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False}
+    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False, "runtime": runtime}
     if layout is not None:
         kwargs["layout"] = layout
     kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
@@ -122,7 +135,8 @@ def bench(
         compress: one compression C or several (one dense reference serves all of them).
         batch: batch size N of the timed input ``[N, *input_size]``.
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
-        backends: subset of :data:`BACKENDS`.
+        backends: subset of :data:`ALL_BACKENDS` (``openvino``: files exported with
+            ``runtime="openvino"``, so auto tunes them there, timed in OpenVINO).
         variants: subset of :data:`ALL_VARIANTS`; ``dense`` is always measured (the reference).
             ``thin``, ``tp`` and ``tp8`` are dense models at the ``default`` X-model's MACs
             (see :mod:`xsurgery.bench._baselines`); how each was made is in ``baselines``.
@@ -144,7 +158,11 @@ def bench(
         "min_ms", "max_ms", "ratio_to_dense", "macs_ratio", ...}]}``; ``compress`` is the
         number given, or the list when several were.
     """
-    backends = _check_choices(backends, BACKENDS, "backend")
+    backends = _check_choices(backends, ALL_BACKENDS, "backend")
+    if "openvino" in backends:
+        from ..export._ov import check_installed
+
+        check_installed()
     variants = _check_choices(variants, ALL_VARIANTS, "variant")
     many = not isinstance(compress, (int, float))
     compresses = [float(c) for c in (compress if many else [compress])]
@@ -204,6 +222,11 @@ def bench(
                     path = Path(tmp) / f"{v}-{c:g}.onnx"
                     layouts[(v, c)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads)
                     runners[(v, c, "ort")] = ort_runner(path, x, threads)
+                if "openvino" in backends:
+                    path = Path(tmp) / f"{v}-{c:g}-ov.onnx"
+                    layouts[(v, c, "openvino")] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads,
+                                                                runtime="openvino")
+                    runners[(v, c, "openvino")] = ov_runner(path, x, threads)
             timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
             del runners
     finally:
@@ -220,6 +243,7 @@ def bench(
             "macs_ratio": round(macs[(v, c)] / macs[("dense", 1.0)], 4),
             "samples": t.samples, "calls_per_sample": t.calls_per_sample,
             **({"layout": "none" if v == "dense" else layouts[(v, c)]} if b == "ort" else {}),
+            **({"layout": "none" if v == "dense" else layouts[(v, c, b)]} if b == "openvino" else {}),
         })
     return {
         "model": model if isinstance(model, str) else type(model).__name__,
