@@ -32,7 +32,7 @@ PREFER_UNIFORM = 1.03
 MIN_WIN_SHARE = 0.75
 LAYER_TIMING_S = 0.1  # per X-layer and form, after warm-up (auto)
 MODEL_TIMING_S = 1.0  # auto's whole-model comparison: at least this long (and >= MIN_ROUNDS rounds)
-MODEL_TIMING_MAX_S = 20.0  # ... and at most this long while the ranking keeps changing
+MODEL_TIMING_MAX_S = 10.0  # ... and at most this long while the ranking keeps changing
 MIN_ROUNDS = 10
 BENCHMARK_S = 3.0
 
