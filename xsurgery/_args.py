@@ -87,7 +87,7 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--degree", type=int, default=None, metavar="D", help="explicit degree D per output")
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
-    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact")
+    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact, paired")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],

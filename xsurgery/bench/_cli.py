@@ -7,7 +7,7 @@ import json
 
 from .._errors import UserError
 from ._output import csv_table, markdown_table, plot, print_table, write_json
-from ._run import BACKENDS, ORT_LAYOUTS, VARIANTS, bench
+from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANTS, bench
 
 
 def add_cli(subparsers) -> None:
@@ -20,8 +20,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--compress", type=float, nargs="+", required=True, help="one or more compressions C")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=ALL_BACKENDS,
+                   help="default torch, torch-train, ort; add openvino (optional dependency)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,
+                   help="default: the X variants; add thin / tp / tp8 for dense models at the same MACs "
+                        "(uniformly thinned; Torch-Pruning, tp8 with round_to=8)")
     p.add_argument("--repeat", type=int, default=15, help="timed rounds (median and IQR over these)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ort-layout", choices=ORT_LAYOUTS, default="auto",

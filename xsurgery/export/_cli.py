@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from .._errors import UserError
 from ._export import DEFAULT_OPSET, LAYOUTS, export_onnx
+from ._ov import RUNTIMES
 
 
 def _cmd_export(args) -> int:
@@ -24,7 +25,7 @@ def _cmd_export(args) -> int:
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
         benchmark=args.benchmark, force=args.force, threads=args.threads,
         verbose=args.json != "-" and not getattr(args, "quiet", False),
-        allow_nonfinite=args.allow_nonfinite,
+        allow_nonfinite=args.allow_nonfinite, runtime=args.runtime,
     )
     from .._render import emit_json
 
@@ -47,6 +48,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--atol", type=float, default=1e-6, help="absolute floor of the tolerance (default 1e-6)")
     p.add_argument("--no-verify", action="store_true", help="skip the ORT-vs-torch comparison")
     p.add_argument("--benchmark", action="store_true", help="time ORT latency against the dense original")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="the runtime auto tunes the layout in, and verifies/benchmarks with (openvino: optional)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT intra-op threads (default ORT's)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
