@@ -60,6 +60,10 @@ def test_mobilenet_converts_every_pointwise_conv_and_resnet_every_block_3x3(tool
     xs = [x for x in m.modules() if isinstance(x, XConv2d)]
     assert len(xs) == 5 and all(x.kernel_size == (1, 1) for x in xs)
     assert all(x.in_channels // x.degree == 16 for x in xs)
+    # grouped 1x1 convs without shuffle are C towers: a last channel reaches 1/C of the first ones
+    grouped = build_model(load_recipe(os.path.join(ROOT, tool.NETS["mobilenet"][0]), ["surgery.compress=4"],
+                                      variant="grouped"))
+    assert tool.reach(grouped) == 0.25 and tool.reach(m) == 1.0
     r = build_model(load_recipe(os.path.join(ROOT, tool.NETS["resnet"][0]), [], variant="grouped"))
     xs = [x for x in r.modules() if isinstance(x, XConv2d)]
     assert len(xs) == 6 and all(x.kernel_size == (3, 3) for x in xs)

@@ -215,55 +215,82 @@ def reach(model) -> float | None:
     return float(paths.mean())
 
 
+def cpu_times(runners: dict[str, Any], *, warmup: int, repeat: int, min_sample_ms: float) -> dict[str, float]:
+    """Median CPU time per call (ms) of each runner, interleaved round by round.
+
+    CPU time of this thread (``time.thread_time``), not wall time: on a machine shared with
+    other work, wall time counts the time other processes held the core; with one torch /
+    ONNX Runtime thread the work runs on the calling thread, so its CPU time is the cost.
+    """
+    inner = {}
+    for k, fn in runners.items():
+        t0 = time.thread_time()
+        fn()
+        once = max((time.thread_time() - t0) * 1e3, 1e-3)
+        inner[k] = max(1, int(min_sample_ms / once) + 1)
+    for _ in range(warmup):
+        for k, fn in runners.items():
+            for _ in range(inner[k]):
+                fn()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeat):
+        for k, fn in runners.items():
+            t0 = time.thread_time()
+            for _ in range(inner[k]):
+                fn()
+            samples[k].append((time.thread_time() - t0) * 1e3 / inner[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def measure(configs: dict[str, dict[str, Any]], out: str, *, threads: int, force: bool = False) -> dict[str, Any]:
-    """Params, MACs and ORT latency (batch 1) of each configuration's seed-0 model; cached."""
-    import tempfile
+    """Params, MACs, reach, ORT latency (batch 1) and a training step (batch 128) of each
+    configuration's seed-0 ``best.xs``, every configuration of a net timed together; cached
+    in ``<out>/measurements.json`` (ONNX files in ``<out>/onnx/``)."""
     import warnings
 
     import torch
 
     import xsurgery
     from xsurgery.bench import count_macs, ort_runner, train_runner
-    from xsurgery.bench import measure as time_interleaved
     from xsurgery.export import export_onnx
 
     cache_path = os.path.join(out, "measurements.json")
     cache = (_read_json(cache_path) or {}) if not force else {}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
+    onnx_dir = os.path.join(out, "onnx")
+    os.makedirs(onnx_dir, exist_ok=True)
     for net in NETS:
         names = [k for k, c in configs.items() if c["net"] == net and 0 in c["seeds"]]
-        if not names or all("ort_median_ms" in cache.get(k, {}) for k in names):
+        if not names or all("clock" in cache.get(k, {}) for k in names):
             continue
         runners, steps, rows = {}, {}, {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for k in names:
-                model = xsurgery.load(os.path.join(out, f"{k}-s0", "best.xs")).eval()
-                x = torch.randn(1, 1, 28, 28)
-                onnx_path = os.path.join(tmp, f"{k}.onnx")
-                res = export_onnx(model, onnx_path, input_size=(1, 28, 28), threads=threads, verbose=False)
-                chosen = list((res.layers or {}).values())
-                rows[k] = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, x),
-                           # the ResNet is no chain: its dense 1x1 shortcuts mix every channel
-                           "reach": reach(model) if configs[k]["variant"] != "dense" and net == "mobilenet" else None,
-                           "layout": f"{chosen.count('gather')}/{len(chosen)} gather" if chosen else "-"}
-                runners[k] = ort_runner(onnx_path, x, threads=threads)
-                steps[k] = train_runner(model, torch.randn(TRAIN_BATCH, 1, 28, 28))
-            timings = time_interleaved(runners, warmup=5, repeat=40, min_sample_ms=10)
-            step_timings = time_interleaved(steps, warmup=2, repeat=15, min_sample_ms=1)
+        for k in names:
+            model = xsurgery.load(os.path.join(out, f"{k}-s0", "best.xs")).eval()
+            x = torch.randn(1, 1, 28, 28)
+            onnx_path = os.path.join(onnx_dir, f"{k}.onnx")
+            dense = configs[k]["variant"] == "dense"
+            if not os.path.isfile(onnx_path):
+                # X-layers as Gather + grouped Conv (the sparse form; "auto" would pick per layer
+                # from wall-clock timings, a coin flip on a shared machine)
+                export_onnx(model, onnx_path, input_size=(1, 28, 28), threads=threads, verbose=False,
+                            **({} if dense else {"layout": "gather"}))
+            rows[k] = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, x),
+                       # the ResNet is no chain: its dense 1x1 shortcuts mix every channel
+                       "reach": reach(model) if not dense and net == "mobilenet" else None,
+                       "layout": "-" if dense else "gather"}
+            runners[k] = ort_runner(onnx_path, x, threads=threads)
+            steps[k] = train_runner(model, torch.randn(TRAIN_BATCH, 1, 28, 28))
+        ort = cpu_times(runners, warmup=5, repeat=30, min_sample_ms=20)
+        step = cpu_times(steps, warmup=1, repeat=5, min_sample_ms=1)
         dense = f"{net}-dense"
         for k in names:
-            # the fastest sample, not the median: on a machine shared with other work most
-            # samples are slowed by other processes, the fastest is the least disturbed
-            rows[k]["ort_ms"] = timings[k].min_ms
-            rows[k]["ort_median_ms"] = timings[k].median_ms
-            rows[k]["ort_ratio"] = timings[k].min_ms / timings[dense].min_ms if dense in timings else None
-            rows[k]["train_img_s"] = TRAIN_BATCH * 1e3 / step_timings[k].min_ms
-            rows[k]["train_ratio"] = (step_timings[dense].min_ms / step_timings[k].min_ms
-                                      if dense in step_timings else None)
+            rows[k].update(clock="thread CPU time", ort_ms=ort[k], ort_ratio=ort[k] / ort[dense] if dense in ort else None,
+                           train_img_s=TRAIN_BATCH * 1e3 / step[k],
+                           train_ratio=step[dense] / step[k] if dense in step else None)
             cache[k] = rows[k]
         _write_text(cache_path, json.dumps(cache, indent=1))
-        print(f"measured {net}: params, MACs, ORT latency of {len(names)} configurations", flush=True)
+        print(f"measured {net}: params, MACs, ORT latency, training step of {len(names)} configurations", flush=True)
     return cache
 
 
@@ -304,7 +331,7 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
         dense_speed = statistics.mean(dense["img_s"]) if dense.get("img_s") else None
         lines += [f"### {net} ({NETS[net][0]})", "",
                   "| variant | C | test top-1 % (mean ± std) | seeds | best val % | train % (last epoch) | params | MACs | reach | "
-                  "train img/s in runs (÷ dense) | train step ÷ dense, timed together | ORT latency ÷ dense (layout) |",
+                  "train img/s in runs (÷ dense) | train step speed ÷ dense | ORT latency ÷ dense |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in keys:
             c, m = configs[k], meas.get(k, {})
@@ -314,7 +341,7 @@ def tables(configs: dict[str, dict[str, Any]], meas: dict[str, Any], n_runs: int
                 speed = f"{s:.0f}" + (f" ({s / dense_speed:.2f})" if dense_speed else "")
             ort = "-"
             if m.get("ort_ratio") is not None:
-                ort = f"{m['ort_ratio']:.2f} ({m['layout']})" if c["variant"] != "dense" else f"1 ({m['ort_ms']:.2f} ms)"
+                ort = f"{m['ort_ratio']:.2f}" if c["variant"] != "dense" else f"1 ({m['ort_ms']:.3f} ms)"
             step = "-"
             if m.get("train_ratio") is not None:
                 step = f"{m['train_ratio']:.2f}" if c["variant"] != "dense" else f"1 ({m['train_img_s']:.0f} img/s)"
