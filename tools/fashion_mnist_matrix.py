@@ -12,14 +12,16 @@ shuffle), ``x1`` and ``x2`` (X with mixing 1 and 2), plus ``dense`` once per net
 ``xsurgery train`` in a subprocess with its own output folder under ``--out``: a finished run
 (``result.json`` present) is skipped, a killed one is continued with ``--resume``, so the
 command can be re-run until everything is done. Runs go seed by seed, so a partial matrix has
-every configuration at the same number of seeds.
+every configuration at the same number of seeds, give or take one.
 
-Afterwards (and with ``--report-only``) it measures per configuration, on the seed-0 model:
-parameters and MACs (the report's counter at 1x28x28), ORT CPU inference latency at batch 1
-(``xsurgery export``'s default layout; all configurations of one net timed interleaved in one
-process, so the ratio to dense compares like with like), and takes the training images/s from
-the runs' metrics. It writes the tables between the markers of ``--page`` (text outside them
-is kept) and the plot ``--plot`` (accuracy against parameters, one line per variant).
+Afterwards (and with ``--report-only``) it measures per configuration, on the seed-0
+``best.xs``: parameters and MACs (the report's counter at 1x28x28), the *reach* of the
+MobileNet's chain of 1x1 convs, and, all configurations of one net timed interleaved in one
+process in thread CPU time (robust to other processes on a shared machine), a training step
+(batch 128) and ONNX Runtime inference (batch 1, X-layers exported as Gather + grouped Conv)
+as ratios to dense; it also reports the training images/s the runs logged (wall clock). It
+writes the tables between the markers of ``--page`` (text outside them is kept) and the plot
+``--plot`` (test accuracy against parameters, one line per variant, dense as a star).
 """
 
 from __future__ import annotations
