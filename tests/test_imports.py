@@ -19,7 +19,7 @@ RANK = {
     "_table": 1.5, "_progress": 1.5, "_count": 5.5, "_render": 5.8, "_plot": 6.5, "_onnx_report": 6.5,
     "_connectivity": 7.5,
     "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "_recipe": 9, "data": 10,
-    "_train_state": 10, "train": 11, "cli": 13, "__init__": 14,
+    "_train_state": 10, "_distributed": 10, "train": 11, "cli": 13, "__init__": 14,
     # export/: layer forms -> torch->ONNX -> ORT timing / metadata / verification -> driver -> CLI
     "export._forms": 8.0, "export._trace": 8.1, "export._ort": 8.2, "export._ov": 8.2, "export._meta": 8.2, "export._verify": 8.2,
     "export._export": 8.5, "export._cli": 8.6, "export": 8.9,
