@@ -148,3 +148,14 @@ def test_orphan_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
         os.utime(p, (1, 1))  # old enough to be an orphan
     _io.write_text(target, "new")
     assert sorted(os.listdir(tmp_path)) == sorted(["a.xs", live.name]) and open(target).read() == "new"
+
+
+def test_link_atomic_onto_the_same_file_leaves_no_temp(tmp_path):
+    from xsurgery import _io
+
+    src = tmp_path / "a"
+    src.write_text("x")
+    _io.link_atomic(str(src), str(tmp_path / "b"))
+    _io.link_atomic(str(src), str(tmp_path / "b"))  # b is already a's inode: rename would keep both names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "b").read_text() == "x" and os.path.samefile(src, tmp_path / "b")

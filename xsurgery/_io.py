@@ -172,6 +172,11 @@ def link_atomic(src: str, path: str) -> None:
 
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)[:64]}")
+    # already the same file (an artifact carried over from epoch to epoch): rename(2) onto a
+    # hard link of the same inode does nothing and would leave the temp name behind
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, path):
+            return
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
