@@ -9,9 +9,11 @@ so that outputs are plain tensors (exportable). transformers is optional (``xsur
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._errors import UserError
@@ -94,14 +96,39 @@ def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretr
     fields = {"use_cache": False, **small, **kwargs}
     if "use_cache" not in known:
         fields.pop("use_cache")
+    def build():
+        if model_cls is None:
+            return tf.AutoModel.from_config(config, attn_implementation="eager")
+        return model_cls(config)
+
     try:
         config = config_cls(**fields)
         config._attn_implementation = "eager"  # plain matmuls: counted by the report and FlopCounterMode
-        if model_cls is None:
-            model = tf.AutoModel.from_config(config, attn_implementation="eager")
-        else:
-            model = model_cls(config)
+        with torch.device("meta"):  # counted without allocating: refuse what cannot fit, in one line
+            n_params = sum(p.numel() for p in build().parameters())
     except (TypeError, ValueError) as exc:
         raise UserError(f"hf/{name}: {config_cls.__name__} rejected --model-kwargs {kwargs}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    return model.eval()
+    _check_size(name, config_cls.__name__, n_params, bool(kwargs))
+    return build().eval()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
+    """Refuse, in one line, a model that cannot fit: many default configs are full-size
+    (Mistral, Falcon: 7 B parameters). Convert holds the model and its converted copy, so
+    twice the float32 size must fit in memory."""
+    memory = _memory_bytes()
+    need = 2 * 4 * n
+    if memory is not None and need > 0.8 * memory:
+        what = "these --model-kwargs build" if overridden else f"the default {config_name} builds"
+        count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        raise UserError(f"hf/{name}: {what} {count} parameters ({4 * n / 1e9:.1f} GB in float32, about "
+                        f"twice that to convert), more than this machine's {memory / 1e9:.1f} GB; make it smaller "
+                        f"with --model-kwargs, e.g. '{{\"num_hidden_layers\": 2, \"hidden_size\": 256}}'")

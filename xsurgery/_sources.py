@@ -69,6 +69,26 @@ def _rejected(name: str, kwargs: dict[str, Any], exc: BaseException) -> UserErro
                      f"({type(exc).__name__}: {detail}); check the factory's arguments")
 
 
+def _import_user_module(name: str):
+    """Import the user's module ``name``, also from the working directory.
+
+    ``python -m`` puts the working directory on ``sys.path`` but a console script does not,
+    so ``xsurgery convert mynets:build`` next to ``mynets.py`` would not find it (uvicorn and
+    gunicorn add it for the same reason). Only for this import: ``sys.path`` is restored.
+    """
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)  # after the installed packages: a local file never shadows them
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def _call(factory, name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return factory(**kwargs)
@@ -109,7 +129,7 @@ def create_model(
     elif ":" in source:
         mod_name, _, attr = source.partition(":")
         try:
-            factory = getattr(importlib.import_module(mod_name), attr)
+            factory = getattr(_import_user_module(mod_name), attr)
         except (ImportError, AttributeError) as exc:
             raise UserError(f"cannot import {source!r} ({exc}); use the form package.module:factory") from exc
         if pretrained:

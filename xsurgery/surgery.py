@@ -707,6 +707,6 @@ def check_outputs(original: nn.Module, converted: nn.Module, example: tuple[tupl
     finally:
         for m, training in was:
             m.training = training
-    msg = _diff(ref, ref2, out, "")
+    msg = _diff(ref, ref2, out, "output")
     if msg:
         raise UserError(f"the converted model's output differs from the original's: {msg} (--no-check skips this check)")

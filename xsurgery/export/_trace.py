@@ -46,15 +46,25 @@ def _plain(example: tuple) -> bool:
 
 
 def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) -> dict[str, dict[int, str]]:
-    """Batch on axis 0 of every input; sequence on axis 1 of integer (token) inputs."""
+    """Batch on axis 0 of every input; sequence on axis 1 of integer (token) inputs.
+
+    Token inputs of one length share one sequence axis (``input_ids`` and its
+    ``attention_mask``); ``decoder_*`` inputs have their own (``decoder_sequence``, as
+    Hugging Face's exporters name it), and so does any other input of another length:
+    ORT refuses one axis name bound to two sizes (T5's encoder and decoder ids).
+    """
     listed = isinstance(example[0][0], list) if example[0] else False
     axes: dict[str, dict[int, str]] = {}
+    lengths: dict[str, int] = {}
     for name, t in zip(names, flat):
         if listed and name.count(".") or t.dim() == 0:  # images of a list: [C, H, W], no batch axis
             continue
         axes[name] = {0: "batch"}
         if t.dim() >= 2 and not t.dtype.is_floating_point and t.dtype != torch.bool:
-            axes[name][1] = "sequence"
+            axis = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+            if lengths.setdefault(axis, t.shape[1]) != t.shape[1]:
+                axis = f"{name}_sequence"
+            axes[name][1] = axis
     return axes
 
 
