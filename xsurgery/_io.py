@@ -178,6 +178,9 @@ def link_atomic(src: str, path: str) -> None:
         if os.path.samefile(src, path):
             return
     try:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(src, path):
+                return  # already that file (rename() between two links of one file would do nothing)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         try:
@@ -185,7 +188,8 @@ def link_atomic(src: str, path: str) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, path)
-        tmp = None
+        if not os.path.lexists(tmp):
+            tmp = None
     except OSError as exc:
         raise os_error(path, exc) from exc
     finally:
