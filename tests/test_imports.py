@@ -15,7 +15,7 @@ PKG = pathlib.Path(xsurgery.__file__).parent
 
 # rank of every module; infrastructure (``_*``) sits where it is used
 RANK = {
-    "_errors": 0, "_version": 0, "_io": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "zoo": 3, "_sources": 4, "_hf": 3, "_inputs": 3,
+    "_errors": 0, "_version": 0, "_io": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "zoo": 3, "_sources": 4, "_hf": 3, "_example": 2.5, "_inputs": 3,
     "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "_recipe": 9, "data": 10,
     "_train_state": 10, "train": 11, "cli": 13, "__init__": 14,
     # export/: layer forms -> torch->ONNX -> ORT timing / metadata / verification -> driver -> CLI
