@@ -222,7 +222,7 @@ def test_decisions_merge_and_render():
     buf = io.StringIO()
     rep.render(Console(file=buf, width=200), max_rows=6)
     text = buf.getvalue()
-    assert "MACs" in text and "FLOPs" in text and "more layers" in text
+    assert "MACs" in text and "FLOPs" in text and "more rows" in text
     t = rep.totals
     assert f"{t['params_before'] / 1e6:.2f} M" in text  # 11.69 M
     assert 1e8 < t["flops_before"] < 1e9 and f"{t['flops_before'] / 1e6:.2f} M" in text
@@ -230,7 +230,7 @@ def test_decisions_merge_and_render():
     console = Console(record=True, width=200)
     rep.render(console)
     full = console.export_text()
-    assert "stem" in full and "classifier" in full and "more layers" not in full
+    assert "stem" in full and "classifier" in full and "more rows" not in full
 
 
 def test_projected_plan_on_dense_model(resnet18):

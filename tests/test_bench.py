@@ -84,6 +84,8 @@ def test_bench_every_variant_and_backend_with_right_macs():
     rows = {(r["variant"], r["backend"]): r for r in result["results"]}
     assert rows[("default", "ort")]["macs_ratio"] == pytest.approx(x_macs / dense_macs, abs=1e-4)
     for v, opts in VARIANT_OPTIONS.items():
+        if v not in VARIANTS:  # opt-in variants (x-paired) are not in a default run
+            continue
         converted, _ = convert(model, compress=2, input_size=INPUT, **opts)
         assert any(isinstance(m, XConv2d) for m in converted.modules())
         for b in BACKENDS:
@@ -195,3 +197,61 @@ class _Attention(nn.Module):
 def test_count_macs_sees_fused_attention():
     # q @ k^T and attn @ v: 2 * B * heads * L * L * d
     assert count_macs(_Attention(), torch.randn(2, 3, 7, 4)) == 2 * 2 * 3 * 7 * 7 * 4
+
+
+# ----------------------------------------------------------------------------- baselines at equal MACs
+
+
+def test_thin_and_tp_baselines_match_the_x_models_macs():
+    from xsurgery.bench._baselines import MACS_TOL
+
+    torch.manual_seed(0)  # wide enough that one channel moves the MACs by well under 3%
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    result = bench(model, 2, input_size=(3, 8, 8), threads=1, backends=("torch",),
+                   variants=("dense", "default", "thin", "tp", "tp8"), **FAST)
+    rows = {r["variant"]: r for r in result["results"]}
+    target = rows["default"]["macs_ratio"]
+    for v in ("thin", "tp"):
+        assert abs(rows[v]["macs_ratio"] - target) <= MACS_TOL * target + 1e-4, (v, rows[v]["macs_ratio"], target)
+    # round_to=8: every pruned width a multiple of 8, at the nearest step (64 -> 8 widths: within 15%)
+    assert abs(rows["tp8"]["macs_ratio"] - target) <= 0.15 * target
+    assert 0 < result["baselines"]["thin-2"]["width"] < 1
+    assert result["baselines"]["tp8-2"]["round_to"] == 8
+
+
+def test_thin_keeps_the_first_channels_and_the_io():
+    from xsurgery.bench._baselines import thin
+    from xsurgery.bench._measure import _call
+
+    model = tiny_model().eval()
+    x = torch.randn(2, *INPUT)
+    small = thin(model, 0.5, x, _call)
+    convs = [m for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert convs[0].in_channels == 3 and convs[-1].out_features == 10  # image channels and classes kept
+    assert [c.out_channels for c in convs[:3]] == [8, 16, 16] and convs[3].out_features == 16
+    # the first half of each layer's weights: the thinned stem computes the dense stem's first 8 maps
+    with torch.no_grad():
+        assert torch.allclose(small[0](x), model[0](x)[:, :8], atol=1e-6)
+    assert small(x).shape == (2, 10)
+
+
+def test_thin_refuses_models_whose_channels_do_not_line_up():
+    from xsurgery.bench._baselines import thin
+    from xsurgery.bench._measure import _call
+
+    # a flatten of a spatial map into the classifier: the first features are not the first channels
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 2))
+    with pytest.raises(UserError, match="thin"):
+        thin(model, 0.3, torch.randn(1, 3, 4, 4), _call)
+
+
+def test_openvino_backend_times_files_tuned_there():
+    pytest.importorskip("openvino")
+    result = bench(tiny_model(), 2, input_size=INPUT, threads=1, backends=("ort", "openvino"),
+                   variants=("dense", "x-k2"), **FAST)
+    rows = {(r["variant"], r["backend"]): r for r in result["results"]}
+    assert set(rows) == {(v, b) for v in ("dense", "x-k2") for b in ("ort", "openvino")}
+    assert rows[("dense", "openvino")]["ratio_to_dense"] == 1.0 and rows[("x-k2", "openvino")]["median_ms"] > 0
+    assert rows[("x-k2", "openvino")]["layout"].startswith("auto") and result["versions"]["openvino"]
+    assert rows[("x-k2", "openvino")]["macs_ratio"] == rows[("x-k2", "ort")]["macs_ratio"]

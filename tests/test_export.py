@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -252,20 +253,52 @@ def test_cli_exports_checkpoint(tmp_path, capsys):
 
 
 def test_auto_keeps_measured_faster_forms(tmp_path, monkeypatch):
-    # fake clocks, [gather_ms, dense_ms]: per layer (stat="min", in model order) gather wins for
-    # layer 0 only; the whole-model check (median): [per-layer mix, all-dense, all-gather]
+    # fake clocks. Per layer ([gather_ms, dense_ms], stat="min", model order): gather wins for
+    # layer 0 only, so the per-layer mix is {0: gather, 2: dense}. Whole model: per-round
+    # seconds of [all-dense, all-gather, mix], cycled over the rounds.
     model = nn.Sequential(XConv2d(16, 16, 1, compress=2), nn.ReLU(), XConv2d(16, 16, 3, padding=1, compress=2)).eval()
-    cases = (([1.0, 2.0, 3.0], {"0": "gather", "2": "dense"}), ([3.0, 2.0, 4.0], {"0": "dense", "2": "dense"}),
-             ([3.0, 2.0, 1.0], {"0": "gather", "2": "gather"}))
-    for whole_ms, expect in cases:
+    mix = {"0": "gather", "2": "dense"}
+    gather, dense = {"0": "gather", "2": "gather"}, {"0": "dense", "2": "dense"}
+    cases = (
+        ([[2.0], [3.0], [1.0]], mix, "per-layer choices"),
+        ([[2.0], [4.0], [3.0]], dense, "all-dense"),
+        ([[2.0], [1.0], [3.0]], gather, "all-gather"),
+        ([[2.0], [1.0], [0.98]], gather, "all-gather"),  # within 3% of the fastest: the uniform form repeats
+        ([[2.0], [1.95], [1.92]], dense, "all-dense"),  # not 5% faster than dense: noise
+        # faster by the median but only in 60% of the paired rounds: not a dependable win
+        ([[2.0], [1.0, 2.5, 1.0, 2.5, 1.0], [3.0]], dense, "all-dense"),
+    )
+    for whole, expect, pick in cases:
         per_layer = iter([[1.0, 2.0], [2.0, 1.0]])
         monkeypatch.setattr(xexport, "_time_sessions",
-                            lambda s, f, *, stat="median", _it=per_layer, _w=whole_ms, **kw: next(_it) if stat == "min" else _w)
+                            lambda s, f, *, stat="median", _it=per_layer, **kw: next(_it))
+
+        def rounds(sessions, feed, *, min_reps, samples=None, _w=whole, **kw):
+            samples = samples if samples is not None else [[] for _ in sessions]
+            assert len(sessions) == len(_w)
+            for _ in range(min_reps):
+                for i, seq in enumerate(_w):
+                    samples[i].append(seq[len(samples[i]) % len(seq)])
+            return samples
+
+        monkeypatch.setattr(xexport, "_rounds", rounds)
         res = export_onnx(model, tmp_path / "a.onnx", input_size=(16, 4, 4), force=True, verbose=False, threads=1)
-        assert res.layers == expect
+        assert res.layers == expect and res.auto_pick == pick, (whole, res.layers, res.auto_pick)
+        assert set(res.model_timings_ms) == {"all-dense", "all-gather", "per-layer choices"}
         assert [r["layout"] for r in read_metadata(tmp_path / "a.onnx")["layers"]] == list(expect.values())
         n_gather = sum(n.op_type == "Gather" for n in onnx.load(tmp_path / "a.onnx").graph.node)
         assert n_gather == list(expect.values()).count("gather")
+
+
+def test_auto_sessions_time_like_the_benchmark():
+    # spinning off, sequential, the given threads: the options `xsurgery bench` times with
+    model = nn.Sequential(nn.Conv2d(4, 4, 1)).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 4, 2, 2),), buf, input_names=["input"], dynamo=False)
+    sess = xexport.session(buf.getvalue(), 2)
+    opts = sess.get_session_options()
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_bare_x_layer_exports(tmp_path):

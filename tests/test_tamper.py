@@ -60,23 +60,30 @@ def test_bit_flip_in_every_tensor_is_named(ckpt, tmp_path):
     for name in names:
         start, end = header[name]["data_offsets"]
         assert end > start
-        flipped = bytearray(body)
-        # the top byte of the first element: an exponent bit for floats, a high bit for ints
         itemsize = {"F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2}[header[name]["dtype"]]
-        flipped[start + itemsize - 1] ^= 0x40
-        dst = str(tmp_path / "flip.xs")
-        _write(dst, header, bytes(flipped))
-        _refused(dst, f"tensor {name!r} does not match its sha256")
+        last = start + (end - start) // itemsize * itemsize - itemsize
+        # the top byte of the first element (an exponent bit for floats, a high bit for ints),
+        # and the lowest bit of the last one
+        for pos, bit in ((start + itemsize - 1, 0x40), (last, 0x01)):
+            flipped = bytearray(body)
+            flipped[pos] ^= bit
+            dst = str(tmp_path / "flip.xs")
+            _write(dst, header, bytes(flipped))
+            _refused(dst, f"tensor {name!r} does not match its sha256")
 
 
 @pytest.mark.parametrize("source,kwargs", [
     ("os:system", {"command": "touch {marker}"}),
     ("subprocess:run", {"args": ["touch", "{marker}"]}),
     ("builtins:exec", {"source": "open({marker!r}, 'w').close()"}),
+    ("os:remove", {"path": "{victim}"}),
 ])
 def test_import_path_sources_never_run(ckpt, tmp_path, capsys, source, kwargs):
     marker = str(tmp_path / "marker")
-    kw = json.loads(json.dumps(kwargs).replace("{marker}", marker).replace("{marker!r}", repr(marker)))
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    kw = json.loads(json.dumps(kwargs).replace("{marker}", marker).replace("{marker!r}", repr(marker))
+                    .replace("{victim}", str(victim)))
 
     def edit(m):
         m["source"] = {"source": source, "model_kwargs": kw, "pretrained": False}
@@ -90,7 +97,7 @@ def test_import_path_sources_never_run(ckpt, tmp_path, capsys, source, kwargs):
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("xsurgery: error:") and "trust" in err
-    assert not os.path.exists(marker)
+    assert not os.path.exists(marker) and victim.read_text() == "keep"
     assert not os.path.exists(tmp_path / "x.onnx")
 
 
@@ -124,10 +131,14 @@ def test_trusted_import_path_source_loads(ckpt, tmp_path):
     ("many items", lambda m, p: m.__setitem__("extra", {"a": list(range(300000))}), "entries"),
     ("digest gone", lambda m, p: m.pop("weights"), "no weights digest"),
 ])
-def test_manifest_edits_are_refused(ckpt, tmp_path, name, edit, match):
+def test_manifest_edits_are_refused(ckpt, tmp_path, capsys, name, edit, match):
     dst = str(tmp_path / "edit.xs")
     _with_manifest(ckpt, dst, lambda m: edit(m, dst))
     _refused(dst, match)
+    capsys.readouterr()
+    assert main(["report", dst]) == 2  # the CLI: one line, exit 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xsurgery: error:") and match in err, err
 
 
 def test_truncation_and_appended_bytes(ckpt, tmp_path):

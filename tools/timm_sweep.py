@@ -18,6 +18,7 @@ import warnings
 import timm
 import torch
 
+from xsurgery._progress import progress
 from xsurgery.surgery import convert
 
 SMALL = re.compile(r"(atto|femto|pico|nano|xxs|xxsmall|xx_small|tiny|xs|_s\d?_|small|b0|_t\d?$|18|mobile|lite|_050|_075|_100)")
@@ -43,14 +44,14 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     models = pick_models()
     results = []
-    for i, (family, name) in enumerate(models.items()):
-        if args.limit is not None and i >= args.limit:
-            break
+    items = list(models.items())[:args.limit]
+    for family, name in progress(items, desc="timm sweep", quiet=args.quiet):
         t = time.time()
         try:
             _, rep = convert(f"timm/{name}", compress=2)

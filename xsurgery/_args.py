@@ -12,7 +12,8 @@ from typing import Any
 
 from ._errors import UserError
 
-__all__ = ["add_model_args", "add_surgery_args", "add_trust_args", "example_arg", "load_options", "surgery_kwargs"]
+__all__ = ["add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args", "add_trust_args", "example_arg",
+           "load_options", "surgery_kwargs", "table_options"]
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--degree", type=int, default=None, metavar="D", help="explicit degree D per output")
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
-    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact")
+    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact, paired")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],
@@ -108,3 +109,31 @@ def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "include_classifier": args.include_classifier, "min_channels": args.min_channels,
         "plan": args.plan, "execution": args.execution,
     }
+
+
+def add_output_args(p: argparse.ArgumentParser, *, table: bool = True, force: bool = True) -> None:
+    """The output convention of every command: ``--json [FILE]`` (stdout without FILE), ``--force``,
+    and for commands that print a table ``--format``, ``--max-rows``, ``--all``, ``--width``."""
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write JSON to FILE (atomic; --force to overwrite), or to stdout without FILE")
+    if force:
+        p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    if table:
+        p.add_argument("--format", dest="fmt", choices=("table", "markdown", "csv", "json"), default="table",
+                       help="how to print the table on stdout (default table)")
+        p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                       help="collapse repeated identical layers past N rows (default 40) and cut the rest")
+        p.add_argument("--all", dest="show_all", action="store_true", help="every layer on its own row")
+        p.add_argument("--width", type=int, default=None, metavar="N",
+                       help="fit the table to N columns (default: the terminal's, 80 in a pipe; 0: every column)")
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress bars or status lines (results and errors still print)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or status lines")
+
+
+def table_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``render``/``emit_grid`` keyword arguments of a parsed command line."""
+    return {"fmt": getattr(args, "fmt", "table"), "width": getattr(args, "width", None)}

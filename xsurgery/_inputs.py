@@ -39,6 +39,7 @@ from ._example import (
     resample,
     shapes_text,
 )
+from ._memory import check_alloc
 
 # building here; the example's structure (names, description, resampling) in _example, re-exported
 __all__ = ["DTYPES", "Example", "InputSpec", "batch_of", "call", "default_example", "describe", "first_error_line",
@@ -149,6 +150,8 @@ def _is_hf(model: nn.Module) -> bool:
 def _tensor(shape: Sequence[int], dtype: torch.dtype, device, gen: torch.Generator, *, high: int | None = None,
             name: str | None = None) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
+    # randn draws float32, randint int64, before the cast
+    check_alloc(shape, max(dtype.itemsize, 4 if dtype.is_floating_point else 8), f"the example {name or 'input'}", device=torch.device(device or "cpu").type)
     if dtype.is_floating_point or dtype.is_complex:
         return torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
     if dtype == torch.bool or (name and "mask" in name):
@@ -207,7 +210,7 @@ def _shape_from_size(model: nn.Module, input_size: int | Sequence[int]) -> tuple
     """
     size = (int(input_size),) if isinstance(input_size, (int, float)) else tuple(int(s) for s in input_size)
     if not size or any(s < 1 for s in size) or math.prod(size) > MAX_ELEMENTS:
-        raise UserError(f"--input-size takes positive sizes, got {list(size)}")
+        raise UserError(f"--input-size takes positive sizes of at most {MAX_ELEMENTS} elements in all, got {list(size)}")
     first = first_weight_layer(model)
     if isinstance(first, nn.Linear):
         if size[-1] != first.in_features:

@@ -3,7 +3,9 @@
 Every output goes to a temp file in the destination's folder and is renamed onto its name
 only once complete, so a reader sees the old file or the new one, never half of one. The
 temp file is removed on any error and on SIGINT/SIGTERM/SIGHUP (:func:`signals_raise` turns
-those into exceptions so that ``finally`` blocks run). Operating-system failures a user can
+those into exceptions so that ``finally`` blocks run); a temp file is named after its
+writer's pid, so the orphan of a SIGKILLed writer is removed by the next write of the same
+name (:func:`remove_stale_temps`). Operating-system failures a user can
 fix (read-only folder, no space left, a folder where a file is wanted) become one-line
 :class:`UserError` messages.
 """
@@ -22,9 +24,11 @@ from typing import Any
 
 from ._errors import UserError
 
-__all__ = ["check_output", "link_atomic", "os_error", "signals_raise", "write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = ["check_output", "link_atomic", "os_error", "remove_stale_temps", "signals_raise", "write_atomic", "write_bytes",
+           "write_json", "write_text"]
 
 TMP_PREFIX = ".tmp-"
+STALE_AFTER_S = 60.0  # a temp file of a dead process older than this is an orphan
 
 _HINTS = {
     errno.ENOSPC: "free some space or write elsewhere",
@@ -76,9 +80,11 @@ def write_atomic(path: str, write: Callable[[str], Any], *, force: bool = False)
     path = os.fspath(path)
     check_output(path, force=force)
     folder = os.path.dirname(os.path.abspath(path))
+    suffix = "-" + os.path.basename(path)[:64]
+    remove_stale_temps(folder, suffix)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path)[:64], dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
         os.close(fd)
         write(tmp)
         umask = os.umask(0)
@@ -94,6 +100,39 @@ def write_atomic(path: str, write: Callable[[str], Any], *, force: bool = False)
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str, suffix: str, *, min_age_s: float = STALE_AFTER_S) -> None:
+    """Remove temp files ``.tmp-<pid>-...<suffix>`` left by a killed (SIGKILL) writer: its
+    process is gone and the file is older than ``min_age_s`` (a writer on another host
+    sharing the folder is not mistaken for a dead one while it writes)."""
+    import time
+
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not (entry.startswith(TMP_PREFIX) and entry.endswith(suffix)):
+            continue
+        pid = entry[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        full = os.path.join(folder, entry)
+        with contextlib.suppress(OSError):
+            if now - os.lstat(full).st_mtime >= min_age_s:
+                os.unlink(full)
 
 
 def write_bytes(path: str, data: bytes, *, force: bool = False) -> None:

@@ -149,7 +149,11 @@ class Run:
             self._check_lock(force=force)
         if resume or force or not os.path.isdir(self.folder):
             return
-        entries = sorted(os.listdir(self.folder))
+        # our own temp files (a killed write) and a private folder without a committed epoch
+        # (a run that stopped during set-up) hold nothing to keep
+        entries = sorted(e for e in os.listdir(self.folder) if not e.startswith(_io.TMP_PREFIX))
+        if PRIVATE in entries and not self.has_checkpoint():
+            entries.remove(PRIVATE)
         foreign = [e for e in entries if e not in RUN_FILES]
         if foreign:
             raise UserError(f"output folder {self.folder} holds files this run did not write "
@@ -213,6 +217,7 @@ class Run:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(mine))
         self._locked = True
+        self.remove_temp_files()
         try:
             yield
         finally:
@@ -220,6 +225,17 @@ class Run:
             if self._read_lock() == mine:
                 with contextlib.suppress(OSError):
                     os.unlink(self.lock_path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.private)  # only when empty: a run that never committed an epoch
+
+    def remove_temp_files(self) -> None:
+        """Temp files of a killed write (ours by prefix; the lock says no other run writes here)."""
+        for folder in (self.folder, self.private):
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(folder):
+                    if entry.startswith(_io.TMP_PREFIX):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(folder, entry))
 
     def clear(self) -> None:
         """--force: remove what a run writes (files this run did not write stay)."""
@@ -262,6 +278,12 @@ class Run:
                 ``{"best.xs": lambda p: save(best, p, force=True)}``); an artifact of an earlier
                 epoch that is not passed again is carried over unchanged.
         """
+        try:
+            self._save(model, opt, scaler, scalars, history, artifacts)
+        except OSError as exc:  # e.g. removing an old stage on a disk that just failed: one line
+            raise _io.os_error(exc.filename or self.folder, exc) from exc
+
+    def _save(self, model, opt, scaler, scalars, history, artifacts) -> None:
         from .checkpoint import save
 
         previous = self._committed()

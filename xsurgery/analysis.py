@@ -10,7 +10,9 @@ One forward pass on a random input counts, per layer, parameters and multiply-ac
   attributed to the innermost module running; those rows are never converted.
 
 Ops run inside a counted module are not counted again, so an X-layer's masked execution
-(a dense conv on a mostly-zero weight) still counts its sparse MACs.
+(a dense conv on a mostly-zero weight) still counts its sparse MACs; what it computes is in
+``macs_executed`` (masked: the dense MACs; gather: the sparse ones), next to the ``execution``
+that ``execution="auto"`` resolves to on the layer's device.
 """
 
 from __future__ import annotations
@@ -23,276 +25,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import _count
+from ._count import _X, LayerRow, _FunctionalCounter, _is_counted, _module_row, _Tracker, cached_spectral_gap
 from ._inputs import default_input_size
-from .graphs import BipartiteGraph, spectral_gap
-from .layers import X_LAYERS, XLinear, is_conv1d_linear
+from .layers import auto_execution
 
 __all__ = ["LayerRow", "Report", "cached_spectral_gap", "default_input_size", "report"]
 
-_X = X_LAYERS
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, *X_LAYERS)
-
-
-def _is_counted(m: nn.Module) -> bool:
-    """Counted from its shapes (transformers' Conv1D is a linear stored ``[in, out]``)."""
-    return isinstance(m, _COUNTED) or is_conv1d_linear(m)
 _DECISION_FIELDS = ("kind", "reason", "in_channels", "out_channels", "kernel", "degree", "blocks", "graph",
                     "spectral_gap", "mixing", "note", "seed")
-
-
-
-
-# --------------------------------------------------------------------------- rows
-
-
-@dataclass
-class LayerRow:
-    """One layer (or one module's functional matmuls) of the report."""
-
-    name: str
-    kind: str
-    converted: bool = False
-    reason: str | None = None
-    in_channels: int | None = None
-    out_channels: int | None = None
-    kernel: list[int] | None = None
-    degree: int | None = None
-    blocks: int | None = None
-    graph: str | None = None
-    spectral_gap: float | None = None
-    params_before: int = 0
-    params_after: int = 0
-    macs_before: int = 0
-    macs_after: int = 0
-    mixing: float | None = None
-    calls: int = 0
-    projected: bool = False
-    note: str | None = None
-    seed: int | None = None
-
-    @property
-    def flops_before(self) -> int:
-        return 2 * self.macs_before
-
-    @property
-    def flops_after(self) -> int:
-        return 2 * self.macs_after
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["flops_before"], d["flops_after"] = self.flops_before, self.flops_after
-        return d
-
-
-def _fmt_name(name: str) -> str:
-    return name or "(model)"
-
-
-_GAP_CACHE: dict[str, float] = {}
-
-
-def cached_spectral_gap(graph: BipartiteGraph) -> float:
-    """:func:`xsurgery.graphs.spectral_gap`, memoised on the graph's hash (an eigensolve of a
-    2048-block ``exact`` graph takes seconds; reports are built and rendered repeatedly)."""
-    key = graph.hash()
-    if key not in _GAP_CACHE:
-        if len(_GAP_CACHE) > 4096:
-            _GAP_CACHE.clear()
-        _GAP_CACHE[key] = spectral_gap(graph)
-    return _GAP_CACHE[key]
-
-
-def _conv_kind(m: nn.Module) -> str:
-    groups = getattr(m, "groups", 1)
-    if groups > 1:
-        return "depthwise" if groups == m.in_channels else "grouped"
-    return "pointwise" if all(k == 1 for k in m.kernel_size) else "conv"
-
-
-def _module_row(name: str, m: nn.Module) -> LayerRow:
-    """The static part of a counted module's row (MACs are added while it runs)."""
-    bias = 0 if getattr(m, "bias", None) is None else m.bias.numel()
-    if isinstance(m, _X):
-        kernel = None if isinstance(m, XLinear) else list(m.kernel_size)
-        area = math.prod(kernel) if kernel else 1
-        return LayerRow(
-            name=name, kind=("linear" if kernel is None else "pointwise" if area == 1 else "conv"), converted=True,
-            in_channels=m.in_features, out_channels=m.out_features, kernel=kernel, degree=m.degree,
-            blocks=m.blocks, graph=m.graph_name, spectral_gap=cached_spectral_gap(m.graph), mixing=m.mixing,
-            params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
-        )
-    params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
-    if is_conv1d_linear(m):
-        return LayerRow(name=name, kind="linear", in_channels=int(m.weight.shape[0]),
-                        out_channels=int(m.weight.shape[1]), params_before=params, params_after=params)
-    if isinstance(m, nn.Linear):
-        return LayerRow(name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
-                        params_before=params, params_after=params)
-    return LayerRow(name=name, kind=_conv_kind(m), in_channels=m.in_channels, out_channels=m.out_channels,
-                    kernel=list(m.kernel_size), params_before=params, params_after=params)
-
-
-def _module_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-    """(before, after) MACs of one call of a counted module."""
-    if isinstance(m, XLinear):
-        return out.numel() * m.in_features, out.numel() * m.degree
-    if isinstance(m, _X):
-        area = math.prod(m.kernel_size)
-        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
-    if is_conv1d_linear(m):
-        macs = out.numel() * int(m.weight.shape[0])
-        return macs, macs
-    if isinstance(m, nn.Linear):
-        macs = out.numel() * m.in_features
-        return macs, macs
-    k = math.prod(m.kernel_size)
-    if getattr(m, "transposed", False):  # every input element scatters into C_out/groups * k outputs
-        macs = inp.numel() * (m.out_channels // m.groups) * k
-    else:
-        macs = out.numel() * (m.in_channels // m.groups) * k
-    return macs, macs
-
-
-# --------------------------------------------------------------------------- functional ops
-
-
-def _aten_macs() -> dict[Any, tuple[str, Any]]:
-    aten = torch.ops.aten
-
-    def mm(a, b, *_, **__):
-        return a.shape[0] * a.shape[1] * b.shape[1]
-
-    def addmm(_c, a, b, *_, **__):
-        return mm(a, b)
-
-    def bmm(a, b, *_, **__):
-        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-
-    def baddbmm(_c, a, b, *_, **__):
-        return bmm(a, b)
-
-    def mv(a, v, *_, **__):
-        return a.numel()
-
-    def addmv(_c, a, v, *_, **__):
-        return a.numel()
-
-    def dot(a, b, *_, **__):
-        return a.numel()
-
-    def conv(x, w, *args, **kwargs):
-        transposed = bool(args[4]) if len(args) > 4 else bool(kwargs.get("transposed", False))
-        return (x, w, transposed)  # resolved with the output shape, see _FunctionalCounter
-
-    def sdpa(q, k, v, *_, **__):
-        # q [..., Lq, E], k [..., Lk, E], v [..., Lk, Ev]: QK^T then (attn)V
-        lead = math.prod(q.shape[:-2])
-        return lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-
-    table: dict[Any, tuple[str, Any]] = {}
-    for name, fn, kind in [
-        ("mm", mm, "matmul"), ("addmm", addmm, "matmul"), ("bmm", bmm, "matmul"), ("baddbmm", baddbmm, "matmul"),
-        ("mv", mv, "matmul"), ("addmv", addmv, "matmul"), ("dot", dot, "matmul"), ("vdot", dot, "matmul"),
-        ("convolution", conv, "functional"), ("_convolution", conv, "functional"),
-        ("_scaled_dot_product_flash_attention", sdpa, "attention"),
-        ("_scaled_dot_product_flash_attention_for_cpu", sdpa, "attention"),
-        ("_scaled_dot_product_efficient_attention", sdpa, "attention"),
-        ("_scaled_dot_product_cudnn_attention", sdpa, "attention"),
-        ("_scaled_dot_product_fused_attention_overrideable", sdpa, "attention"),
-    ]:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            for overload in packet.overloads():
-                table[getattr(packet, overload)] = (kind, fn)
-    return table
-
-
-_ATEN: dict[Any, tuple[str, Any]] | None = None
-
-
-class _FunctionalCounter(TorchDispatchMode):
-    """Counts matmul-like aten ops run outside counted modules, per innermost module."""
-
-    def __init__(self, tracker: _Tracker) -> None:
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        entry = _ATEN.get(func) if _ATEN is not None else None  # type: ignore[union-attr]
-        if entry is None or self.tracker.inside_counted:
-            return out
-        kind, fn = entry
-        macs = fn(*args, **kwargs)
-        if isinstance(macs, tuple):  # convolution: needs the output shape
-            x, w, transposed = macs
-            macs = x.numel() * w.shape[0] * math.prod(w.shape[2:]) if transposed else \
-                out.numel() * math.prod(w.shape[1:])
-        self.tracker.add_functional(kind, int(macs))
-        return out
-
-
-class _Tracker:
-    """Module stack from forward pre/post hooks; accumulates rows."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.stack: list[nn.Module] = []
-        self.inside_counted = 0
-        self.rows: dict[tuple[str, str], LayerRow] = {}
-        self.module_rows: dict[int, LayerRow] = {}
-        self.handles: list[Any] = []
-        for n, m in model.named_modules():
-            if _is_counted(m) and id(m) not in self.module_rows:
-                row = _module_row(n, m)
-                self.module_rows[id(m)] = row
-            self.handles.append(m.register_forward_pre_hook(self._pre))
-            self.handles.append(m.register_forward_hook(self._post, always_call=True))
-        self.order: list[LayerRow] = []
-
-    def _pre(self, m: nn.Module, args) -> None:
-        self.stack.append(m)
-        if id(m) in self.module_rows:
-            self.inside_counted += 1
-
-    def _post(self, m: nn.Module, args, out) -> None:
-        if self.stack and self.stack[-1] is m:
-            self.stack.pop()
-        row = self.module_rows.get(id(m))
-        if row is None:
-            return
-        self.inside_counted -= 1
-        if not isinstance(out, torch.Tensor) or self.inside_counted:
-            return  # a counted module inside another counted one: the outer one's formula covers it
-        inp = args[0] if args and isinstance(args[0], torch.Tensor) else out
-        before, after = _module_macs(m, inp, out)
-        if row.calls == 0:
-            self.order.append(row)
-        row.calls += 1
-        row.macs_before += before
-        row.macs_after += after
-
-    def add_functional(self, kind: str, macs: int) -> None:
-        name = self.names.get(id(self.stack[-1]), "") if self.stack else ""
-        row = self.rows.get((name, kind))
-        if row is None:
-            row = self.rows[(name, kind)] = LayerRow(name=name, kind=kind)
-            self.order.append(row)
-        row.calls += 1
-        row.macs_before += macs
-        row.macs_after += macs
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def all_rows(self) -> list[LayerRow]:
-        """Rows in execution order, then counted modules that never ran (MACs 0)."""
-        seen = {id(r) for r in self.order}
-        return self.order + [r for r in self.module_rows.values() if id(r) not in seen]
 
 
 # --------------------------------------------------------------------------- report
@@ -319,23 +61,28 @@ class Report:
 
     @property
     def totals(self) -> dict[str, Any]:
-        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``.
+        """``params/macs/flops_before/after``, their ``*_ratio`` (before / after), ``converted_layers``,
+        and ``macs/flops_executed`` (what the X-layers' executions compute: masked runs dense MACs).
 
         Without an example input the MAC and FLOP entries are None (never a guessed shape's)."""
         if not self.macs_known:
             return {"params_before": self.params_before, "params_after": self.params_after,
-                    "macs_before": None, "macs_after": None, "flops_before": None, "flops_after": None,
+                    "macs_before": None, "macs_after": None, "macs_executed": None, "flops_before": None,
+                    "flops_after": None, "flops_executed": None,
                     "params_ratio": _ratio(self.params_before, self.params_after), "macs_ratio": None,
                     "converted_layers": sum(r.converted for r in self.layers)}
         macs_b = sum(r.macs_before for r in self.layers)
         macs_a = sum(r.macs_after for r in self.layers)
+        macs_x = sum(r.executed_macs for r in self.layers)
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
             "macs_before": macs_b,
             "macs_after": macs_a,
+            "macs_executed": macs_x,
             "flops_before": 2 * macs_b,
             "flops_after": 2 * macs_a,
+            "flops_executed": 2 * macs_x,
             "params_ratio": _ratio(self.params_before, self.params_after),
             "macs_ratio": _ratio(macs_b, macs_a),
             "converted_layers": sum(r.converted for r in self.layers),
@@ -367,89 +114,25 @@ class Report:
                    int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
                    t.get("macs_before") is not None)
 
-    def render(self, console=None, max_rows: int | None = None) -> None:
-        """Print the layer table and the totals with ``rich``.
+    def render(self, console=None, max_rows: int | None = None, *, show_all: bool = False,
+               width: int | None = None, fmt: str = "table") -> None:
+        """Print the layer table and the totals (see :func:`xsurgery._render.render_report`).
 
         Args:
             console: a ``rich.console.Console`` (default: a new one on stdout).
-            max_rows: show at most this many layer rows (first and last halves, the middle
-                collapsed into one line); the totals are always shown.
+            max_rows: collapse repeated identical layers past this many rows (default 40);
+                given explicitly, also cut the middle of what is still longer.
+            show_all: every layer on its own row.
+            width: the width to fit (default the console's; ``0``: every column).
+            fmt: ``table``, ``markdown``, ``csv`` or ``json``.
         """
-        from rich.console import Console
-        from rich.table import Table
+        from ._render import render_report
 
-        console = console or Console()
-        title = f"{self.model} @ {'x'.join(str(v) for v in self.input_size) or 'no input'}"
-        if self.batch != 1:
-            title += f", batch {self.batch}"
-        table = Table(title=title, show_lines=False, header_style="bold", pad_edge=False)
-        graphs = any(r.degree is not None for r in self.layers)  # D, G, graph, gap only when there are some
-        cols = [("layer", {"overflow": "fold"}), ("kind", {}), ("C_in->C_out", {"justify": "right"}), ("kernel", {})]
-        if graphs:
-            cols += [("D", {"justify": "right"}), ("G", {"justify": "right"}), ("graph", {}),
-                     ("gap", {"justify": "right"})]
-        cols += [("params", {"justify": "right"}), ("MACs", {"justify": "right"}), ("reason", {})]
-        for col, kw in cols:
-            table.add_column(col, **kw)
-        rows = self.layers
-        hidden = 0
-        if max_rows is not None and len(rows) > max_rows:
-            head = (max_rows + 1) // 2
-            tail = max_rows - head
-            hidden = len(rows) - head - tail
-            rows = rows[:head] + [None] + (rows[-tail:] if tail else [])  # type: ignore[list-item]
-        for r in rows:
-            if r is None:
-                table.add_row(f"... {hidden} more layers", *[""] * (len(cols) - 1), style="dim")
-                continue
-            chans = f"{r.in_channels}->{r.out_channels}" if r.in_channels is not None else ""
-            cells = [_fmt_name(r.name), r.kind, chans, "x".join(map(str, r.kernel)) if r.kernel else ""]
-            if graphs:
-                cells += [_opt(r.degree), _opt(r.blocks), r.graph or "",
-                          "" if r.spectral_gap is None else f"{r.spectral_gap:.3f}"]
-            reason = r.reason or r.note or ("not run" if r.calls == 0 and not r.projected else "")
-            if r.projected:
-                reason = f"{reason} (planned)".strip()
-            macs = _before_after(r.macs_before, r.macs_after) if self.macs_known else "-"
-            if not self.macs_known and reason == "not run":
-                reason = ""
-            cells += [_before_after(r.params_before, r.params_after), macs, reason]
-            table.add_row(*cells, style="green" if r.converted else None)
-        console.print(table)
-
-        t = self.totals
-        foot = Table(title="totals", header_style="bold")
-        for col in ("", "before", "after", "reduction"):
-            foot.add_column(col, justify="right" if col else "left")
-        for label, key in (("params", "params"), ("MACs", "macs"), ("FLOPs", "flops")):
-            b, a = t[f"{key}_before"], t[f"{key}_after"]
-            if b is None:
-                foot.add_row(label, "give an example input for MACs", "", "")
-                continue
-            foot.add_row(label, _human(b), _human(a), f"{_ratio(b, a):.2f}x")
-        console.print(foot)
-        console.print(f"{t['converted_layers']} of {len(self.layers)} counted layers converted; "
-                      "FLOPs = 2 x MACs")
+        render_report(self, console=console, max_rows=max_rows, show_all=show_all, width=width, fmt=fmt)
 
 
 def _ratio(before: int, after: int) -> float:
     return float(before) / after if after else float("inf") if before else 1.0
-
-
-def _opt(v: Any) -> str:
-    return "" if v is None else str(v)
-
-
-def _human(n: float) -> str:
-    """25561896 -> '25.56 M'."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)}"
-
-
-def _before_after(b: int, a: int) -> str:
-    return _human(b) if a == b else f"{_human(b)} -> {_human(a)}"
 
 
 def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str, nn.Module],
@@ -491,6 +174,11 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             row.params_after = row.out_channels * int(d["degree"]) * area + bias
             row.macs_after = row.macs_before * int(d["degree"]) // row.in_channels
             row.converted = row.projected = True
+            if d.get("blocks"):  # as execution="auto" would run the planned layer on CPU
+                kind = "linear" if row.kind == "linear" else "pointwise" if area == 1 else "conv"
+                row.execution = auto_execution(int(d["blocks"]), row.out_channels, int(d["degree"]),
+                                               row.in_channels, None, kind)
+                row.macs_executed = row.macs_before if row.execution == "masked" else row.macs_after
 
 
 def report(
@@ -524,9 +212,8 @@ def report(
         The :class:`Report`; ``report.params_after == sum(p.numel() for p in model.parameters())``
         unless ``project`` changed planned layers.
     """
-    global _ATEN
-    if _ATEN is None:
-        _ATEN = _aten_macs()
+    if _count._ATEN is None:
+        _count._ATEN = _count._aten_macs()
     from ._inputs import call, default_example, describe, normalize, per_sample_size
 
     if example_inputs is not None:

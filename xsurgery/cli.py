@@ -1,19 +1,27 @@
 """The ``xsurgery`` command: a thin layer over the Python API.
 
-Subcommands: ``convert``, ``plan``, ``report`` (here) and ``export``, ``train``, ``bench``
-(registered by their stage modules through ``add_cli``). A mistake a user can fix prints
-one line and exits 2; ``--debug`` shows the traceback.
+Subcommands: ``convert``, ``plan``, ``report``, ``graph`` (here) and ``export``, ``train``,
+``bench`` (registered by their stage modules through ``add_cli``). A mistake a user can fix
+prints one line and exits 2; ``--debug`` shows the traceback. Every command takes ``--quiet``
+and writes JSON the same way (``--json [FILE]``, see :func:`xsurgery._args.add_output_args`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from typing import Any
 
-from ._args import add_model_args, add_surgery_args, example_arg, load_options, surgery_kwargs
+from ._args import (
+    add_model_args,
+    add_output_args,
+    add_quiet_arg,
+    add_surgery_args,
+    example_arg,
+    load_options,
+    surgery_kwargs,
+)
 from ._errors import UserError
 from ._version import __version__
 
@@ -27,14 +35,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"xsurgery: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _emit_json(data: Any, target: str, force: bool = False) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False)
-    if target == "-":
-        print(text)
-        return
-    from ._io import write_text
+def _emit_json(data: Any, target: str | None, force: bool = False) -> None:
+    from ._render import emit_json
 
-    write_text(target, text + "\n", force=force)
+    emit_json(data, target, force)
+
+
+def _status(args: argparse.Namespace, text: str) -> None:
+    """A status line ("wrote X"): on stdout after a table, on stderr when stdout carries data."""
+    if getattr(args, "quiet", False):
+        return
+    data = args.json == "-" or getattr(args, "fmt", "table") != "table"
+    print(text, file=sys.stderr if data else sys.stdout)
+
+
+def _render(rep, args: argparse.Namespace) -> None:
+    if args.json == "-":
+        return  # stdout carries the JSON
+    rep.render(max_rows=args.max_rows, show_all=args.show_all, width=args.width, fmt=args.fmt)
+
+
+def _plot_report(rep, args: argparse.Namespace) -> None:
+    if getattr(args, "plot", None):
+        from ._plot import plot_report
+
+        plot_report(rep, args.plot, force=args.force)
+        _status(args, f"wrote {args.plot}")
 
 
 def _check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
@@ -52,20 +78,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save
     from .surgery import convert
 
-    _check_outputs(args, args.output, args.json)
+    _check_outputs(args, args.output, args.json, args.plot)
     model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
                          model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
                          allow_none=args.allow_none, **surgery_kwargs(args))
-    if args.json:
-        _emit_json(rep.to_dict(), args.json, args.force)
-    if args.json != "-":
-        rep.render(max_rows=args.max_rows)
-        if getattr(rep, "method", "fx") != "fx":
-            print(f"note: torch.fx could not trace this model ({rep.trace_error}); layers were swapped by name")
+    _emit_json(rep.to_dict(), args.json, args.force)
+    _render(rep, args)
+    _plot_report(rep, args)
     if args.output:
         save(model, args.output, force=args.force)
-        if args.json != "-":
-            print(f"wrote {args.output}")
+        _status(args, f"wrote {args.output}")
     return 0
 
 
@@ -89,28 +111,47 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         row = d.to_dict()
         row["spectral_gap"] = cached_spectral_gap(d._graph) if d._graph is not None else None
         rows.append(row)
-    if args.json:
-        _emit_json({"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}, args.json,
-                   args.force)
-        if args.json == "-":
-            return 0
-    from rich.console import Console
-    from rich.table import Table
+    data = {"model": args.model, "method": "fx" if trace.ok else "module-swap", "layers": rows}
+    _emit_json(data, args.json, args.force)
+    if args.json == "-":
+        return 0
+    from ._render import Grid, emit_grid
 
-    table = Table(title=f"xsurgery plan: {args.model}", show_lines=False)
-    for col in ("layer", "kind", "C_in->C_out", "kernel", "convert", "D", "G", "graph", "gap", "reason / note"):
-        table.add_column(col, justify="right" if col in ("D", "G", "gap") else "left")
+    cells = []
     for r in rows:
-        kernel = "x".join(map(str, r["kernel"])) if r["kernel"] else "-"
-        gap = f"{r['spectral_gap']:.3f}" if r["spectral_gap"] is not None else "-"
-        table.add_row(r["name"], r["kind"], f"{r['in_channels']}->{r['out_channels']}", kernel,
-                      "yes" if r["converted"] else "no", str(r["degree"] or "-"), str(r["blocks"] or "-"),
-                      r["graph"] or "-", gap, r["reason"] or r["note"] or "")
-    console = Console()
-    console.print(table)
+        kernel = "x".join(map(str, r["kernel"])) if r["kernel"] else ""
+        kind = r["kind"] if not kernel else kernel if r["kind"] in ("conv", "pointwise") else f"{r['kind']} {kernel}"
+        gap = f"{r['spectral_gap']:.2f}" if r["spectral_gap"] is not None else ""
+        cells.append([r["name"], kind, f"{r['in_channels']}→{r['out_channels']}", "yes" if r["converted"] else "no",
+                      f"{r['degree']}/{r['blocks']}" if r["degree"] else "", r["graph"] or "", gap,
+                      r["reason"] or r["note"] or ""])
     n = sum(r["converted"] for r in rows)
-    console.print(f"{n} of {len(rows)} conv/linear layers would be converted "
-                  f"({'torch.fx trace' if trace.ok else 'module order: fx could not trace, ' + str(trace.error)})")
+    how = "torch.fx trace" if trace.ok else "module order: fx could not trace, " + str(trace.error)
+    why: dict[str, list[str]] = {}
+    for r in rows:
+        if r["reason"] or r["note"]:
+            why.setdefault(r["reason"] or r["note"], []).append(r["name"])
+    graphs = {r["graph"] for r in rows if r["graph"]}
+    moved = {"reason / note": [f"{k}: {', '.join(v[:4])}" + (f" and {len(v) - 4} more" if len(v) > 4 else "")
+                               for k, v in why.items()],
+             **({"graph": [f"graph: {graphs.pop()} (every converted layer)"]} if len(graphs) == 1 else {})}
+    notes = [f"{n} of {len(rows)} conv/linear layers would be converted ({how})"]
+    if not args.show_all and len(cells) > (args.max_rows or 40):
+        from ._table import collapse_rows
+
+        groups = collapse_rows(cells, lambda c: tuple(c[1:6] + c[7:]), lambda c: c[0])  # all but the gap
+        cells = []
+        for label, members in groups:
+            gaps = sorted({m[6] for m in members if m[6]})
+            gap = gaps[0] if len(gaps) == 1 else f"{gaps[0]}-{gaps[-1]}" if gaps else ""
+            cells.append([label + (f"  x{len(members)}" if len(members) > 1 else ""), *members[0][1:6], gap,
+                          members[0][7]])
+        notes.append("xN: N identical layers in one row (--all: every layer)")
+    grid = Grid(["layer", "kind", "C_in→C_out", "convert", "D/G", "graph", "gap", "reason / note"],
+                cells, frozenset({"C_in→C_out", "D/G", "gap"}), ["green" if c[3] == "yes" else None for c in cells],
+                f"xsurgery plan: {args.model}", notes)
+    emit_grid(grid, args.fmt, width=args.width, data=data, moved=moved,
+              drop_order=("graph", "reason / note", "C_in→C_out", "gap", "D/G"))
     return 0
 
 
@@ -119,22 +160,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis import report
     from .checkpoint import resolve_model
 
-    _check_outputs(args, args.json)
-    model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
-    rep = report(model, name=args.model, example_inputs=resolve(model, example_arg(args), args.input_size))
-    if args.json:
-        _emit_json(rep.to_dict(), args.json, args.force)
-    if args.json != "-":
-        rep.render(max_rows=args.max_rows)
+    _check_outputs(args, args.json, args.plot)
+    if str(args.model).lower().endswith(".onnx"):
+        from ._onnx_report import onnx_report
+
+        rep = onnx_report(args.model)
+    else:
+        model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model,
+                              **load_options(args))
+        rep = report(model, name=args.model, example_inputs=resolve(model, example_arg(args), args.input_size))
+    _emit_json(rep.to_dict(), args.json, args.force)
+    _render(rep, args)
+    _plot_report(rep, args)
     return 0
 
 
-def _add_output_args(p: argparse.ArgumentParser, force: bool = True) -> None:
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="write JSON (to stdout, or to FILE)")
-    if force:
-        p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--max-rows", type=int, default=None, metavar="N", help="collapse the table to N rows")
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from ._connectivity import graph_command
+
+    _check_outputs(args, args.json, args.plot)
+    return graph_command(args)
+
+
+def _add_plot_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--plot", default=None, metavar="FILE.png", help=f"{what} (needs matplotlib: pip install xsurgery[plot])")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,24 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_surgery_args(p)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT and the --json FILE")
     p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
     p.add_argument("--no-check", action="store_true",
                    help="skip running original and converted on the example to compare their outputs")
-    _add_output_args(p, force=False)
+    add_output_args(p)
+    _add_plot_arg(p, "per-layer params, MACs and spectral gap as a picture")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("plan", help="print what convert would do, without converting")
     add_model_args(p)
     add_surgery_args(p)
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
-    p.add_argument("--force", action="store_true", help="overwrite the --json FILE")
+    add_output_args(p)
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("report", help="params/MACs/FLOPs report of any model or checkpoint")
+    p = sub.add_parser("report", help="params/MACs/FLOPs report of any model, checkpoint or exported .onnx file")
     add_model_args(p, checkpoint_ok=True)
-    _add_output_args(p)
+    add_output_args(p)
+    _add_plot_arg(p, "per-layer params, MACs and spectral gap as a picture")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("graph", help="connectivity of a converted layer, or inputs reached through the network")
+    add_model_args(p, checkpoint_ok=True)
+    add_surgery_args(p)
+    p.add_argument("--layer", default=None, metavar="NAME", help="one X-layer (default: the whole network)")
+    add_output_args(p)
+    _add_plot_arg(p, "the layer's biadjacency, or the reach per depth against the grouped baseline")
+    p.set_defaults(func=_cmd_graph)
 
     for name in STAGE_MODULES:
         try:
@@ -173,7 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if hasattr(mod, "add_cli"):
             mod.add_cli(sub)
+    for p in sub.choices.values():  # --quiet everywhere, stage modules' commands included
+        if not any("--quiet" in a.option_strings for a in p._actions):
+            add_quiet_arg(p)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     return parser
+
+
+def _seed(args: argparse.Namespace) -> None:
+    """Random weights (a model built from its name, X-layer initialisation) come from the
+    global RNG: seed it from --seed so the same command writes the same bytes."""
+    import torch
+
+    seed = getattr(args, "seed", None)
+    torch.manual_seed(seed if isinstance(seed, int) else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ._io import signals_raise
+    from ._progress import set_quiet
+
+    set_quiet(bool(getattr(args, "quiet", False)))
 
     try:
         with signals_raise():
+            _seed(args)
             return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:
@@ -196,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xsurgery: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        from ._memory import is_out_of_memory
+
+        if args.debug or not is_out_of_memory(exc):
+            raise
+        print(f"xsurgery: error: out of memory ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
+              f"use a smaller input size, batch or model", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

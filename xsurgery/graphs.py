@@ -167,6 +167,8 @@ def choose_blocks(
         return out_features
     if graph == "grouped":
         mixing = 1
+    if graph == "paired":
+        mixing = 2
     if int(mixing) != mixing or mixing < 1:
         raise ValueError(f"mixing must be a positive integer, got {mixing}; use mixing >= 1")
     target = mixing * in_features / degree
@@ -266,6 +268,45 @@ def _grouped(in_features: int, out_features: int, degree: int, blocks: int, seed
             f"{in_features}; pick a compression that divides {in_features}"
         )
     return torch.arange(in_features, dtype=torch.int64).reshape(blocks, degree)
+
+
+@register_graph("paired")
+def _paired(in_features: int, out_features: int, degree: int, blocks: int, seed: int) -> torch.Tensor:
+    """k = 2 as a natural and one permuted copy: block g reads its own contiguous input chunk
+    ``g*D/2 .. (g+1)*D/2 - 1`` and ``D/2`` inputs of one seeded permutation (none of its own).
+
+    Every input is read by exactly two blocks, as ``random`` with mixing 2, but an export can
+    run the layer as ``Conv(x, group=G) + Conv(Gather(x, perm), group=G)``: one gathered copy
+    of the input (C_in channels) instead of two (2*C_in), and the first conv reads ``x`` in
+    whatever layout the runtime keeps it. Rows are ``[natural half, permuted half]`` in that
+    order (the export reads the split from the index). Needs ``G * D == 2 * C_in`` with D even
+    (G dividing C_in); where the sizes do not allow it, the layer is drawn like ``random``.
+    """
+    half = degree // 2
+    if degree % 2 or blocks * half != in_features:
+        return _random(in_features, out_features, degree, blocks, seed)
+    gen = _generator(seed)
+    own = torch.arange(in_features).view(blocks, half)
+    perm = torch.randperm(in_features, generator=gen)
+    if blocks > 1:
+        # move every input that landed in its own block's chunk by swapping with a slot of
+        # another block whose input is foreign to both blocks (always exists for blocks >= 2,
+        # as each swap only ever fixes clashes), so a block never reads an input twice
+        chunk = perm.view(blocks, half)
+        for _ in range(4 * in_features):
+            clash = (chunk // half) == torch.arange(blocks).view(-1, 1)
+            if not bool(clash.any()):
+                break
+            g, s = (int(v) for v in clash.nonzero()[0])
+            for h in torch.randperm(blocks * half, generator=gen).tolist():
+                g2, s2 = divmod(h, half)
+                a, b = int(chunk[g, s]), int(chunk[g2, s2])
+                if g2 != g and b // half != g and a // half != g2:
+                    chunk[g, s], chunk[g2, s2] = b, a
+                    break
+        perm = chunk.reshape(-1)
+    rows = torch.cat([own, perm.view(blocks, half).sort(dim=1).values], dim=1)
+    return rows
 
 
 @register_graph("exact")

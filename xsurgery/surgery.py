@@ -32,6 +32,35 @@ __all__ = ["KINDS", "LayerRule", "SurgerySpec", "apply_surgery", "convert", "dec
 
 KINDS = ("pointwise", "conv", "linear")
 SPEC_VERSION = 1
+MAX_PLAN_BYTES = 1 << 20
+
+
+def check_pattern(pattern: Any, where: str) -> None:
+    """A glob or ``re:<regex>`` that compiles (a bad regex is a one-line error, not re.error)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise UserError(f"{where}: a pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise UserError(f"{where}: {pattern!r} is not a valid regular expression ({exc}); "
+                            f"fix it or use a glob such as 'layer*.conv1'") from None
+
+
+def _check_values(where: str, compress: Any, degree: Any, mixing: Any, graph: Any) -> None:
+    """compress >= 1, degree and mixing positive integers, a registered graph (None: not set)."""
+    prefix = "--" if where == "" else f"{where}: "
+    if compress is not None:
+        if isinstance(compress, bool) or not isinstance(compress, (int, float)) or not math.isfinite(compress) \
+                or compress < 1:
+            raise UserError(f"{prefix}compress must be a number >= 1 (1 keeps layers dense), got {compress!r}")
+    if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+        raise UserError(f"{prefix}degree must be a positive integer, got {degree!r}")
+    if mixing is not None and (isinstance(mixing, bool) or not isinstance(mixing, int) or mixing < 1):
+        raise UserError(f"{prefix}mixing must be a positive integer, got {mixing!r}")
+    if graph is not None and (not isinstance(graph, str) or graph not in list_graphs()):
+        what = "unknown --graph" if where == "" else f"{where}: unknown graph"
+        raise UserError(f"{what} {graph!r}; choose one of {', '.join(list_graphs())}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,18 @@ class LayerRule:
     mixing: int | None = None
     graph: str | None = None
     skip: bool = False
+
+    def __post_init__(self) -> None:
+        # the same checks as the command line's values (SurgerySpec), named by the rule
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise UserError(f"plan rule pattern must be a layer name, glob or re:regex, got {self.pattern!r}")
+        where = f"plan rule {self.pattern!r}"
+        check_pattern(self.pattern, where)
+        if self.compress is not None and self.degree is not None:
+            raise UserError(f"{where}: give compress or degree, not both")
+        _check_values(where, self.compress, self.degree, self.mixing, self.graph)
+        if not isinstance(self.skip, bool):
+            raise UserError(f"{where}: skip must be true or false, got {self.skip!r}")
 
     def matches(self, name: str) -> bool:
         if self.pattern.startswith("re:"):
@@ -80,16 +121,9 @@ class SurgerySpec:
             object.__setattr__(self, "compress", 2.0)
         if self.compress is not None and self.degree is not None:
             raise UserError("give --compress or --degree, not both")
-        if self.compress is not None:
-            c = self.compress
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 1:
-                raise UserError(f"--compress must be a number >= 1 (1 keeps layers dense), got {c}")
-        if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1):
-            raise UserError(f"--degree must be a positive integer, got {self.degree}")
-        if not isinstance(self.mixing, int) or isinstance(self.mixing, bool) or self.mixing < 1:
-            raise UserError(f"--mixing must be a positive integer, got {self.mixing}")
-        if self.graph not in list_graphs():
-            raise UserError(f"unknown --graph {self.graph!r}; choose one of {', '.join(list_graphs())}")
+        if self.mixing is None:
+            raise UserError("--mixing must be a positive integer, got None")
+        _check_values("", self.compress, self.degree, self.mixing, self.graph)
         if self.init not in INITS:
             raise UserError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.execution not in EXECUTIONS:
@@ -97,11 +131,16 @@ class SurgerySpec:
         bad = [k for k in self.layers if k not in KINDS]
         if bad or not self.layers:
             raise UserError(f"--layers takes any of {', '.join(KINDS)}, got {', '.join(self.layers) or 'nothing'}")
-        if self.min_channels < 0:
-            raise UserError(f"--min-channels must be >= 0, got {self.min_channels}")
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 0:
+            raise UserError(f"--min-channels must be an integer >= 0, got {self.min_channels!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UserError(f"--seed must be an integer, got {self.seed!r}")
+        for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for p in patterns:
+                check_pattern(p, flag)
         for rule in self.plan:
-            if rule.graph is not None and rule.graph not in list_graphs():
-                raise UserError(f"plan rule {rule.pattern!r}: unknown graph {rule.graph!r}")
+            if not isinstance(rule, LayerRule):
+                raise UserError(f"a plan is a list of rules such as [{{pattern: 'features.*', compress: 4}}], got {rule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,9 +176,13 @@ def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
     if isinstance(plan, str):
         try:
             with open(plan, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(MAX_PLAN_BYTES + 1)  # bounded: /dev/zero is a "file" too
         except OSError as exc:
             raise UserError(f"cannot read plan file {plan!r}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise UserError(f"plan file {plan!r} is not UTF-8 text; give a YAML/JSON list of rules") from None
+        if len(text) > MAX_PLAN_BYTES:
+            raise UserError(f"plan file {plan!r} is larger than {MAX_PLAN_BYTES >> 20} MiB; a plan is a short list of rules")
         try:
             if plan.endswith(".json"):
                 plan = json.loads(text)
@@ -364,7 +407,17 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
                 d.reason = f"narrower than --min-channels {spec.min_channels}"
         if d.reason is None:
             _plan_layer(d, spec, rule)
-    if not any(d.converted for d in decisions) and any(d.reason and d.reason.startswith("degree") for d in decisions):
+    for rule in spec.plan:  # a rule's degree is checked like --degree: it must fit some layer it decides
+        if rule.degree is None:
+            continue
+        mine = [d for d in decisions if d.reason is None or d.reason.startswith("degree")
+                if _rule_for(d.name, spec.plan) is rule and d.kind in ("pointwise", "conv", "linear")]
+        if mine and not any(d.converted for d in mine):
+            widest = max(d.in_channels for d in mine)
+            raise UserError(f"plan rule {rule.pattern!r}: degree {rule.degree} is larger than the input channels of "
+                            f"every layer it matches (at most {widest}); use a smaller degree or compress")
+    if spec.degree is not None and not any(d.converted for d in decisions) \
+            and any(d.reason and d.reason.startswith("degree") for d in decisions):
         raise UserError(f"--degree {spec.degree} is larger than the input channels of every selected layer; "
                         f"use a smaller degree or --compress")
     return decisions, trace

@@ -13,11 +13,23 @@ change on a shared machine moves all of them alike and the ratios stay comparabl
 from __future__ import annotations
 
 from ._cli import add_cli
-from ._measure import Timing, count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+from ._measure import (
+    Timing,
+    count_macs,
+    machine_info,
+    measure,
+    ort_runner,
+    ov_runner,
+    torch_runner,
+    train_runner,
+    versions,
+)
 from ._output import markdown_table, plot, print_table, write_json
-from ._run import BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
 
 __all__ = [
+    "ALL_BACKENDS",
+    "ALL_VARIANTS",
     "BACKENDS",
     "ORT_LAYOUTS",
     "Timing",
@@ -30,6 +42,7 @@ __all__ = [
     "markdown_table",
     "measure",
     "ort_runner",
+    "ov_runner",
     "plot",
     "print_table",
     "torch_runner",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 
 from .._errors import UserError
-from ._output import markdown_table, plot, print_table, write_json
-from ._run import BACKENDS, ORT_LAYOUTS, VARIANTS, bench
+from ._output import csv_table, markdown_table, plot, print_table, write_json
+from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANTS, bench
 
 
 def add_cli(subparsers) -> None:
@@ -20,8 +20,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--compress", type=float, nargs="+", required=True, help="one or more compressions C")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=ALL_BACKENDS,
+                   help="default torch, torch-train, ort; add openvino (optional dependency)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,
+                   help="default: the X variants; add thin / tp / tp8 for dense models at the same MACs "
+                        "(uniformly thinned; Torch-Pruning, tp8 with round_to=8)")
     p.add_argument("--repeat", type=int, default=15, help="timed rounds (median and IQR over these)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ort-layout", choices=ORT_LAYOUTS, default="auto",
@@ -31,9 +34,12 @@ def add_cli(subparsers) -> None:
 
     p.add_argument("--input", action="append", default=None, metavar="[NAME=]SHAPE[:DTYPE]", type=_input_arg,
                    help="an example input, repeatable (e.g. 1x128:int64); replaces --batch/--input-size")
-    p.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
+    p.add_argument("--json", dest="json_out", nargs="?", const="-", default=None, metavar="FILE",
+                   help="the result as JSON: on stdout (and nothing else) without FILE, else to FILE")
+    p.add_argument("--format", dest="fmt", choices=("table", "markdown", "csv", "json"), default="table",
+                   help="how to print the table on stdout (default table)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency ratio vs compression (matplotlib)")
-    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (as --format markdown)")
     p.add_argument("--force", action="store_true", help="overwrite --json/--plot files")
     add_trust_args(p)
     p.set_defaults(func=_cli)
@@ -42,9 +48,10 @@ def add_cli(subparsers) -> None:
 def _cli(args: argparse.Namespace) -> int:
     from .._args import load_options
     from .._io import check_output
+    from .._progress import enabled
 
     for out in (args.json_out, args.plot):
-        if out:
+        if out and out != "-":
             check_output(out, force=args.force)
     if args.plot:
         try:
@@ -55,11 +62,18 @@ def _cli(args: argparse.Namespace) -> int:
     result = bench(args.model, compress, batch=args.batch, threads=args.threads, backends=args.backends,
                    variants=args.variants, repeat=args.repeat, input_size=args.input_size, warmup=args.warmup,
                    ort_layout=args.ort_layout, example_inputs=args.input or None,
-                   show_progress=sys.stderr.isatty(), load_options=load_options(args))
-    print_table(result)
-    if args.markdown:
+                   show_progress=enabled(), load_options=load_options(args))
+    if args.json_out == "-" or args.fmt == "json":
+        print(json.dumps(result, indent=1))
+    elif args.fmt == "csv":
+        print(csv_table(result), end="")
+    elif args.fmt == "markdown":
         print(markdown_table(result))
-    if args.json_out:
+    else:
+        print_table(result)
+        if args.markdown:
+            print(markdown_table(result))
+    if args.json_out and args.json_out != "-":
         write_json(result, args.json_out, force=args.force)
     if args.plot:
         plot(result, args.plot)

@@ -44,7 +44,7 @@ def versions() -> dict[str, str | None]:
     from .._version import __version__
 
     out: dict[str, str | None] = {"python": platform.python_version(), "xsurgery": __version__}
-    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime"):
+    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "torch-pruning"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -163,18 +163,26 @@ def train_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
 
 
 def _ort_session(path: str | os.PathLike, threads: int | None):
-    import onnxruntime as ort
+    """The session export's ``layout="auto"`` times with (spinning off): one way of timing."""
+    from ..export._ort import session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    # idle pool threads must not spin: they would steal the cores from the next runner timed
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads)
+
+
+def ov_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
+    """OpenVINO CPU inference of an exported file (latency hint, one stream, its default precision)."""
+    from .._inputs import flat_tensors
+    from ..export._ov import session
+
+    sess = session(path, threads)
+    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
+    names = [i.get_any_name() for i in sess.compiled.inputs]
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+    def run():
+        return sess.run(None, feed)
+
+    return run
 
 
 def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:

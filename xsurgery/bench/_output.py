@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._run import BACKENDS, VARIANTS
+from ._run import ALL_BACKENDS, ALL_VARIANTS
 
 
 def print_table(result: dict[str, Any], console=None) -> None:
@@ -22,8 +22,8 @@ def print_table(result: dict[str, Any], console=None) -> None:
                          f"{result['threads']} threads  {m['cpu']}"))
     for col in ("variant", "C", "backend", "median ms", "IQR ms", "x dense", "MACs x", "x limit"):
         table.add_column(col, justify="left" if col in ("variant", "backend") else "right")
-    order = {b: i for i, b in enumerate(BACKENDS)}
-    vorder = {v: i for i, v in enumerate(VARIANTS)}
+    order = {b: i for i, b in enumerate(ALL_BACKENDS)}
+    vorder = {v: i for i, v in enumerate(ALL_VARIANTS)}
     rows = sorted(result["results"], key=lambda r: (order[r["backend"]], r["compress"] if r["variant"] != "dense"
                                                     else 0, vorder[r["variant"]]))
     last = None
@@ -41,14 +41,28 @@ def print_table(result: dict[str, Any], console=None) -> None:
                   "x limit = (x dense) / (MACs x), 1.0 = as fast as the MACs allow")
 
 
-def markdown_table(result: dict[str, Any], backends: Sequence[str] = BACKENDS) -> str:
+def csv_table(result: dict[str, Any]) -> str:
+    """One CSV row per variant, compression and backend (raw numbers)."""
+    import csv
+    import io
+
+    keys = ("variant", "compress", "backend", "median_ms", "spread_ms", "ratio_to_dense", "macs_ratio")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys)
+    for r in result["results"]:
+        w.writerow([r.get(k, "") for k in keys])
+    return buf.getvalue()
+
+
+def markdown_table(result: dict[str, Any], backends: Sequence[str] = ALL_BACKENDS) -> str:
     """A Markdown table: one row per variant and compression, per backend the ratio to dense
     (with the dense median in ms in the dense row), and the MACs ratio."""
     rows = result["results"]
     present = [b for b in backends if any(r["backend"] == b for r in rows)]
     by = {(r["variant"], r["compress"], r["backend"]): r for r in rows}
     keys = sorted({(r["variant"], r["compress"]) for r in rows},
-                  key=lambda k: (k[1] if k[0] != "dense" else 0, VARIANTS.index(k[0])))
+                  key=lambda k: (k[1] if k[0] != "dense" else 0, ALL_VARIANTS.index(k[0])))
     lines = ["| variant | C | " + " | ".join(present) + " | MACs |", "|---|---|" + "---|" * (len(present) + 1)]
     for v, c in keys:
         cells = []
@@ -74,11 +88,11 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
 
     result = results if isinstance(results, dict) else results[0]
     rows = result["results"]
-    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
+    backends = [b for b in ALL_BACKENDS if any(r["backend"] == b for r in rows)]
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, b in zip(axes[0], backends):
         mine = [r for r in rows if r["backend"] == b and r["variant"] != "dense"]
-        for v in VARIANTS[1:]:
+        for v in ALL_VARIANTS[1:]:
             pts = sorted((r["compress"], r["ratio_to_dense"]) for r in mine if r["variant"] == v)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=v)

@@ -12,10 +12,26 @@ import torch
 from torch import nn
 
 from .._errors import UserError
-from ._measure import count_macs, machine_info, measure, ort_runner, torch_runner, train_runner, versions
+from ._baselines import BASELINES, baseline
+from ._measure import (
+    _call,
+    count_macs,
+    machine_info,
+    measure,
+    ort_runner,
+    ov_runner,
+    torch_runner,
+    train_runner,
+    versions,
+)
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
+# what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
+# x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
+ALL_VARIANTS = VARIANTS + ("x-paired",) + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
+# opt-in: OpenVINO CPU (optional dependency), each variant exported with --runtime openvino
+ALL_BACKENDS = BACKENDS + ("openvino",)
 
 # convert() options per variant; "default" is convert() with no options (and export with none).
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -26,6 +42,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "x-exact": {"graph": "exact"},
     "masked": {"mixing": 2, "execution": "masked"},
     "default": {},
+    "x-paired": {"graph": "paired"},
 }
 
 
@@ -46,11 +63,12 @@ def _ort_layout(variant: str, ort_layout: str) -> str | None:
     return None
 
 
-def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None) -> str:
+def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None,
+                  runtime: str = "onnxruntime") -> str:
     """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given."""
     from ..export import export_onnx
 
-    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False}
+    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False, "runtime": runtime}
     if layout is not None:
         kwargs["layout"] = layout
     kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
@@ -117,8 +135,11 @@ def bench(
         compress: one compression C or several (one dense reference serves all of them).
         batch: batch size N of the timed input ``[N, *input_size]``.
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
-        backends: subset of :data:`BACKENDS`.
-        variants: subset of :data:`VARIANTS`; ``dense`` is always measured (the reference).
+        backends: subset of :data:`ALL_BACKENDS` (``openvino``: files exported with
+            ``runtime="openvino"``, so auto tunes them there, timed in OpenVINO).
+        variants: subset of :data:`ALL_VARIANTS`; ``dense`` is always measured (the reference).
+            ``thin``, ``tp`` and ``tp8`` are dense models at the ``default`` X-model's MACs
+            (see :mod:`xsurgery.bench._baselines`); how each was made is in ``baselines``.
         repeat: timed rounds; every (variant, backend) runs once per round.
         input_size: ``(C, H, W)`` (or the feature shape); default from the model.
         warmup: untimed rounds.
@@ -137,8 +158,12 @@ def bench(
         "min_ms", "max_ms", "ratio_to_dense", "macs_ratio", ...}]}``; ``compress`` is the
         number given, or the list when several were.
     """
-    backends = _check_choices(backends, BACKENDS, "backend")
-    variants = _check_choices(variants, VARIANTS, "variant")
+    backends = _check_choices(backends, ALL_BACKENDS, "backend")
+    if "openvino" in backends:
+        from ..export._ov import check_installed
+
+        check_installed()
+    variants = _check_choices(variants, ALL_VARIANTS, "variant")
     many = not isinstance(compress, (int, float))
     compresses = [float(c) for c in (compress if many else [compress])]
     if not compresses or any(c < 1 for c in compresses):
@@ -168,12 +193,22 @@ def bench(
             raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
         size = per_sample_size(x)
         models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
+        made: dict[str, dict[str, Any]] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
             for c in compresses:
                 for v in variants:
-                    if v != "dense":
+                    if v != "dense" and v not in BASELINES:
                         models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
+                wanted = [v for v in variants if v in BASELINES]
+                if wanted:
+                    ref = models.get(("default", c)) or _convert(dense, c, VARIANT_OPTIONS["default"], x)
+                    target = count_macs(ref, x)
+                    for v in wanted:
+                        models[(v, c)], how = baseline(v, dense, target, _tensor_or(x), lambda m: count_macs(m, x),
+                                                       _call)
+                        made[f"{v}-{c:g}"] = how
+                        models[(v, c)].eval()
         macs = {key: count_macs(m, x) for key, m in models.items()}
         with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
             runners: dict[Hashable, Callable[[], Any]] = {}
@@ -187,6 +222,11 @@ def bench(
                     path = Path(tmp) / f"{v}-{c:g}.onnx"
                     layouts[(v, c)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads)
                     runners[(v, c, "ort")] = ort_runner(path, x, threads)
+                if "openvino" in backends:
+                    path = Path(tmp) / f"{v}-{c:g}-ov.onnx"
+                    layouts[(v, c, "openvino")] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads,
+                                                                runtime="openvino")
+                    runners[(v, c, "openvino")] = ov_runner(path, x, threads)
             timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
             del runners
     finally:
@@ -203,6 +243,7 @@ def bench(
             "macs_ratio": round(macs[(v, c)] / macs[("dense", 1.0)], 4),
             "samples": t.samples, "calls_per_sample": t.calls_per_sample,
             **({"layout": "none" if v == "dense" else layouts[(v, c)]} if b == "ort" else {}),
+            **({"layout": "none" if v == "dense" else layouts[(v, c, b)]} if b == "openvino" else {}),
         })
     return {
         "model": model if isinstance(model, str) else type(model).__name__,
@@ -217,8 +258,16 @@ def bench(
         "versions": versions(),
         "machine": machine_info(),
         "macs": {"dense": macs[("dense", 1.0)]},
+        **({"baselines": made} if made else {}),
         "results": results,
     }
+
+
+def _tensor_or(x: Any) -> Any:
+    """The lone tensor of an ``(args, kwargs)`` example (what Torch-Pruning traces with), else ``x``."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], dict) and not x[1] and len(x[0]) == 1:
+        return x[0][0]
+    return x
 
 
 def _train_runner_copy(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:

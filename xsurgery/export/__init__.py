@@ -5,15 +5,19 @@ Per X-layer the file holds one of two forms:
 * ``gather``: ``Gather(axis=1, index)`` + ``Conv(group=G)`` with the compact weight. XLinear:
   ``Reshape``/``Transpose`` to ``[1, C_in, M]``, ``Gather(axis=1)`` on the feature axis and a
   grouped 1x1 ``Conv`` (G matmuls of the compact weight), back to ``[..., C_out]``. The
-  Gather is left out when the layer's index is the identity.
+  Gather is left out when the layer's index is the identity. A conv whose index is a natural
+  and one permuted copy (``graph="paired"``) is ``Conv(x, group=G) + Conv(Gather(x, perm),
+  group=G)`` instead: the same math with C_in gathered channels instead of 2 * C_in.
 * ``dense``: a plain ``Conv`` / ``Gemm`` with the zero-filled dense weight (widest support).
 
-``layout="auto"`` times both forms of every X-layer alone in ONNX Runtime on this machine
-(same session options as the final model, the layer's real input shape at the export batch
-size, interleaved runs, the fastest of at least 10) and keeps gather where it is at least 5 %
-faster; then it times that mix against the all-dense and all-gather exports of the whole model
-and keeps the fastest, so ``auto`` is never slower than either uniform layout as measured in
-that run.
+``layout="auto"`` times both forms of every X-layer alone in the runtime (ONNX Runtime, or
+OpenVINO with ``runtime="openvino"``) at the layer's real input shape and the export batch
+(the fastest of at least 10 interleaved runs) for a per-layer mix (gather where at least 5 %
+faster); then it times the whole model as all-dense, all-gather and that mix, with the
+session options ``xsurgery bench`` uses (thread spinning off, the given threads), in
+interleaved rounds until the pick repeats, and keeps a gather form only when it beats
+all-dense by 5 % in 75 % of the paired rounds (all-gather when within 3 % of the fastest: it
+does not depend on per-layer noise, so it repeats). Within noise, the file is all-dense.
 
 The graph is produced by the TorchScript exporter (``torch.onnx.export(dynamo=False)``): the
 gather execution already is ``index_select`` + ``conv2d(groups=G)``, which it maps to
@@ -26,5 +30,7 @@ from __future__ import annotations
 from ._cli import add_cli
 from ._export import DEFAULT_OPSET, LAYOUTS, MAX_OPSET, ExportResult, export_onnx
 from ._meta import read_metadata
+from ._ov import RUNTIMES
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "ExportResult", "add_cli", "export_onnx", "read_metadata"]
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "add_cli", "export_onnx",
+           "read_metadata"]

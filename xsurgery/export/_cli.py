@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
+from .._errors import UserError
 from ._export import DEFAULT_OPSET, LAYOUTS, export_onnx
+from ._ov import RUNTIMES
 
 
 def _cmd_export(args) -> int:
     from .._args import example_arg, load_options
+    from .._io import check_output
     from ..checkpoint import resolve_model
 
+    if args.json not in (None, "-"):
+        check_output(args.json, force=args.force)
+        if args.json == args.output:
+            raise UserError("-o and --json name the same file; give them different names")
     model = resolve_model(args.model, args.model_kwargs, args.pretrained, model=args.dense_model, **load_options(args))
     res = export_onnx(
         model, args.output, input_size=args.input_size, example_inputs=example_arg(args), layout=args.layout,
         opset=args.opset,
         static_batch=args.static_batch, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
-        benchmark=args.benchmark, force=args.force, threads=args.threads, verbose=not args.json,
-        allow_nonfinite=args.allow_nonfinite,
+        benchmark=args.benchmark, force=args.force, threads=args.threads,
+        verbose=args.json != "-" and not getattr(args, "quiet", False),
+        allow_nonfinite=args.allow_nonfinite, runtime=args.runtime,
     )
-    if args.json:
-        print(json.dumps({**asdict(res), "latency_ratio": res.latency_ratio}, indent=1))
+    from .._render import emit_json
+
+    emit_json({**asdict(res), "latency_ratio": res.latency_ratio}, args.json, args.force)
     return 0
 
 
@@ -40,7 +48,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--atol", type=float, default=1e-6, help="absolute floor of the tolerance (default 1e-6)")
     p.add_argument("--no-verify", action="store_true", help="skip the ORT-vs-torch comparison")
     p.add_argument("--benchmark", action="store_true", help="time ORT latency against the dense original")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="the runtime auto tunes the layout in, and verifies/benchmarks with (openvino: optional)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT intra-op threads (default ORT's)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (and nothing else)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="the result as JSON: on stdout (and nothing else) without FILE, else to FILE")
     p.set_defaults(func=_cmd_export)

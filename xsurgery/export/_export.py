@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from .._errors import UserError
+from .._io import TMP_PREFIX, check_output, os_error, remove_stale_temps
 from ..layers import XLinear
-from . import _ort
+from . import _ort, _ov
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
 from ._meta import _metadata
+from ._ov import RUNTIMES
 from ._trace import _dynamic_axes, _flat_outputs, _FlatInputs, _plain, _torch_export
 from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
 
@@ -46,6 +48,9 @@ class ExportResult:
     max_rel_err: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
+    model_timings_ms: dict[str, float] = field(default_factory=dict)  # auto's whole-model medians
+    auto_pick: str | None = None  # all-dense, all-gather or per-layer choices
+    runtime: str = "onnxruntime"  # where auto timed, and the file was verified and benchmarked
     verified_on: str = "the model"
 
     @property
@@ -72,6 +77,7 @@ def export_onnx(
     benchmark: bool = False,
     force: bool = False,
     threads: int | None = None,
+    runtime: str = "onnxruntime",
     verbose: bool = True,
     allow_nonfinite: bool = False,
 ) -> ExportResult:
@@ -95,7 +101,9 @@ def export_onnx(
         atol: absolute floor of that tolerance (matters only for outputs near zero).
         benchmark: also time the dense original exported the same way (ratio in this run).
         force: overwrite an existing ``path``.
-        threads: ORT intra-op threads for timing and verification (default: ORT's).
+        threads: intra-op threads for timing and verification (default: the runtime's).
+        runtime: ``onnxruntime`` or ``openvino``: the runtime ``auto`` times its candidates in,
+            and where the file is verified and benchmarked (OpenVINO: optional dependency).
         verbose: print per-layer choices, errors and latencies.
         allow_nonfinite: export NaN/inf weights instead of refusing them (verification
             still fails on non-finite outputs; pass ``verify=False`` too).
@@ -114,6 +122,12 @@ def export_onnx(
         raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
 
     log = print if verbose else (lambda *a, **k: None)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        _ov.check_installed()
+    make = _ort._session if runtime == "onnxruntime" else _ov.session
+    rt_name = "ONNX Runtime" if runtime == "onnxruntime" else "OpenVINO"
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -125,10 +139,7 @@ def export_onnx(
         raise UserError(f"--rtol/--atol must be >= 0, got {rtol}/{atol}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder {folder} does not exist")
+    check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
 
     from .._inputs import describe, flat_tensors, input_names, resample, resolve
 
@@ -182,49 +193,59 @@ def export_onnx(
 
     timings: dict[str, dict[str, float]] = {}
     if layout == "auto" and layers:
-        log(f"timing gather vs dense per X-layer in ONNX Runtime (batch {shape[0]}):")
-        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log)
+        log(f"timing gather vs dense per X-layer in {rt_name} (batch {shape[0]}):")
+        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log, make)
     else:
         choices = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
 
     result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
-                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset,
+                          runtime=runtime)
+    # our temp-file naming (writer's pid), so a SIGKILLed export's orphan is removed later
+    suffix = "-" + os.path.basename(path)[:64]
+    remove_stale_temps(folder, suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise os_error(path, exc) from exc
     os.close(fd)
     try:
-        export_to(with_layouts(choices), tmp)
+        if not (layout == "auto" and layers):  # auto writes its pick below
+            export_to(with_layouts(choices), tmp)
         feed = _feed(in_names, flat)
-        need_dense = benchmark or (layout == "auto" and "gather" in choices.values())
         dense_sess = None
-        if need_dense:
+        if benchmark or (layout == "auto" and layers):
             dense_bytes = io.BytesIO()
             export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
-            dense_sess = _ort._session(dense_bytes.getvalue(), threads)
-        if layout == "auto" and "gather" in choices.values():
-            # layers timed alone miss cache effects between them: the whole model decides
-            # between the per-layer mix and the two uniform layouts
-            candidates = {"per-layer choices": choices, "all-dense": dict.fromkeys(choices, "dense")}
-            sessions = [_ort._session(tmp, threads), dense_sess]
-            if "dense" in choices.values():
-                gather_bytes = io.BytesIO()
-                all_gather = dict.fromkeys(choices, "gather")
-                export_to(with_layouts(all_gather), gather_bytes)
-                candidates["all-gather"] = all_gather
-                sessions.append(_ort._session(gather_bytes.getvalue(), threads))
-            times = _ort._time_sessions(sessions, feed, budget_s=_ort.MODEL_TIMING_S)
-            # a gather form must beat all-dense by the margin: closer is noise, and dense is the
-            # form with the widest runtime support (MobileNet-V2 gained nothing, docs/bench)
-            best = min(range(len(times)), key=lambda i: times[i] / (_ort.GATHER_MARGIN if i == 1 else 1.0))
-            log("whole model: " + ", ".join(f"{k} {t:.3f} ms" for k, t in zip(candidates, times))
-                + f"; keeping {list(candidates)[best]}")
-            if best:
-                choices = list(candidates.values())[best]
-                result.layers = choices
-                export_to(with_layouts(choices), tmp)
+            dense_sess = make(dense_bytes.getvalue(), threads)
+        if layout == "auto" and layers:
+            # layers timed alone miss cache effects and the runtime's layout changes between
+            # them: the whole model decides between all-dense, all-gather and the per-layer mix,
+            # timed as `xsurgery bench` times (same session options, threads and batch)
+            all_dense, all_gather = dict.fromkeys(choices, "dense"), dict.fromkeys(choices, "gather")
+            candidates = {"all-dense": all_dense, "all-gather": all_gather}
+            if choices not in (all_dense, all_gather):
+                candidates["per-layer choices"] = choices
+            sessions = [dense_sess]
+            for choice in list(candidates.values())[1:]:
+                buf = io.BytesIO()
+                export_to(with_layouts(choice), buf)
+                sessions.append(make(buf.getvalue(), threads))
+            cmp = _ort.compare_sessions(list(candidates), sessions, feed, dense=0)
+            del sessions
+            pick = cmp.names[cmp.pick]
+            log(f"whole model ({cmp.rounds} rounds): " + ", ".join(
+                f"{k} {t:.3f} ms" + (f" (beats all-dense in {100 * w:.0f}% of rounds)" if k != "all-dense" else "")
+                for k, t, w in zip(cmp.names, cmp.median_ms, cmp.wins_vs_dense)) + f"; keeping {pick}: {cmp.reason}")
+            result.model_timings_ms = {k: round(t, 4) for k, t in zip(cmp.names, cmp.median_ms)}
+            result.auto_pick = pick
+            choices = candidates[pick]
+            result.layers = choices
+            export_to(with_layouts(choices), tmp)
 
         proto = onnx.load(tmp)
         inputs = describe(base, example) if not _plain(example) else None
-        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs).items():
+        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs, runtime).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, tmp)
@@ -234,7 +255,9 @@ def export_onnx(
             n_g = sum(v == "gather" for v in choices.values())
             log(f"layout {layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
 
-        sess = _ort._session(tmp, threads)
+        sess = make(tmp, threads)
+        # OpenVINO: verify in f32 (a bf16 CPU's default precision is not what rtol measures)
+        vsess = sess if runtime == "onnxruntime" else _ov.session(tmp, threads, exact=True)
         if verify:
             from .._inputs import call
 
@@ -242,7 +265,7 @@ def export_onnx(
             vb = list(flat_v[0].shape)
             flat_ref = _flat_outputs(ref)
             try:
-                got = sess.run(None, _feed(in_names, flat_v))
+                got = vsess.run(None, _feed(in_names, flat_v))
             except Exception as exc:  # onnxruntime's own error types
                 text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"ONNX Runtime cannot run the exported model on inputs of shapes "
@@ -263,22 +286,29 @@ def export_onnx(
                 _torch_export(_with_layouts(vexported, {prefix + k: v for k, v in choices.items()},
                                             {prefix + k: v for k, v in inner.items()}),
                               x, vbytes, opset, dynamic, n_out, in_names, in_axes)
-                got = _ort._session(vbytes.getvalue(), threads).run(None, _feed(in_names, flat_v))
+                got = (make(vbytes.getvalue(), threads) if runtime == "onnxruntime" else
+                       _ov.session(vbytes.getvalue(), threads, exact=True)).run(None, _feed(in_names, flat_v))
                 result.verified_on = "perturbed copy: " + ", ".join(filled)
             abs_err, scale, rel = _errors(flat_ref, got)
             result.max_abs_err, result.max_rel_err = abs_err, rel
             log(f"verification (input {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
                 f"(relative to max|output| = {scale:.3g})")
             if not abs_err <= atol + rtol * scale:
-                raise UserError(f"ONNX Runtime output differs from torch: max abs err {abs_err:.3g} > "
+                raise UserError(f"{rt_name} output differs from torch: max abs err {abs_err:.3g} > "
                                 f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
         if benchmark:
             ms, dense_ms = _ort._time_sessions([sess, dense_sess], feed, budget_s=_ort.BENCHMARK_S, min_reps=10, warmup=5)
             result.latency_ms, result.dense_latency_ms = ms, dense_ms
-            log(f"ORT latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
+            log(f"{rt_name} latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
                 f"ratio {ms / dense_ms:.3f}")
-        del sess, dense_sess
+        del sess, vsess, dense_sess
+        if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
+            raise UserError(f"{path} exists; pass --force to overwrite it")
+        with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
+        raise os_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

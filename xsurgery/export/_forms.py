@@ -1,4 +1,9 @@
-"""The two export forms of an X-layer (gather / dense) and a model copy with chosen forms."""
+"""The export forms of an X-layer (gather / dense) and a model copy with chosen forms.
+
+The gather form of a conv whose index is a natural and one permuted copy (``graph="paired"``,
+or any index of that shape) is written as ``Conv(x) + Conv(Gather(x, perm))``: the same
+math as ``Gather(x, index) -> Conv(group=G)`` with half the gathered channels.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import UserError
-from ..layers import X_LAYERS, XLinear
+from ..layers import X_LAYERS, XLinear, _conv
 
 
 class _GatherLinear(nn.Module):
@@ -41,6 +46,46 @@ class _GatherLinear(nn.Module):
         return y.squeeze(0).t().reshape(*lead, self.out_features)
 
 
+def paired_perm(layer: nn.Module) -> torch.Tensor | None:
+    """The permutation ``perm`` when the index rows are ``[own chunk g, perm chunk g]``, else None.
+
+    Own chunk g is the contiguous inputs ``g*D/2 .. (g+1)*D/2 - 1``; the permuted halves
+    together read every input once.
+    """
+    if isinstance(layer, XLinear) or layer.degree % 2 or layer.blocks < 2:
+        return None
+    half = layer.degree // 2
+    if layer.blocks * half != layer.in_features:
+        return None
+    rows = layer.index.detach().cpu().view(layer.blocks, layer.degree)
+    if not torch.equal(rows[:, :half].reshape(-1), torch.arange(layer.in_features)):
+        return None
+    perm = rows[:, half:].reshape(-1)
+    if not torch.equal(perm.sort().values, torch.arange(layer.in_features)):
+        return None
+    return perm.clone()
+
+
+class _PairedConv(nn.Module):
+    """Export form of a paired X-conv: ``conv(x, W_own, G) + conv(x[:, perm], W_perm, G)``."""
+
+    def __init__(self, layer: nn.Module, perm: torch.Tensor) -> None:
+        super().__init__()
+        half = layer.degree // 2
+        self.blocks, self.dims, self.padding_mode = layer.blocks, layer._dims, layer.padding_mode
+        self.stride, self.padding, self.dilation = layer.stride, layer._padding_args(), layer.dilation
+        w = layer.weight.detach()
+        self.register_buffer("w_own", w[:, :half].clone())
+        self.register_buffer("w_perm", w[:, half:].clone())
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (self.stride, self.padding, self.dilation, self.blocks, self.padding_mode, self.dims)
+        own = _conv(x, self.w_own, self.bias, *args)
+        return own + _conv(x.index_select(1, self.perm), self.w_perm, None, *args)
+
+
 def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
 
@@ -50,6 +95,9 @@ def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | No
         return layer.to_dense()
     if isinstance(layer, XLinear):
         return _GatherLinear(layer, inner_shape)
+    perm = paired_perm(layer)
+    if perm is not None:
+        return _PairedConv(layer, perm)
     layer = copy.copy(layer)  # shares parameters; only the execution attribute differs
     layer.execution = "gather"
     return layer

@@ -33,7 +33,8 @@ def _source(model: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs=None) -> dict[str, str]:
+def _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs=None,
+              runtime: str = "onnxruntime") -> dict[str, str]:
     rows = []
     for name, m in layers:
         rows.append({"name": name, "type": type(m).__name__, "layout": choices[name], "graph_hash": m.graph.hash(),
@@ -47,6 +48,7 @@ def _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs=None
         "layers": json.dumps(rows, separators=(",", ":")),
         "input_shape": json.dumps(["batch" if dynamic else shape[0], *shape[1:]]),
         "opset": str(opset),
+        "runtime": runtime,  # the runtime auto tuned the layout for
     }
     if inputs is not None:
         meta["inputs"] = json.dumps(inputs, separators=(",", ":"))

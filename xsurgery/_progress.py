@@ -1,0 +1,101 @@
+"""One progress-bar helper for every long-running step (rich, on stderr, terminals only).
+
+A bar is drawn only when stderr is a terminal and nothing asked for quiet (``--quiet`` on the
+command line calls :func:`set_quiet`), so pipes, files and CI logs never get bar frames.
+Disabled bars cost nothing and accept the same calls::
+
+    for layer in progress(layers, desc="timing layers"):
+        ...
+
+    with Bar(total=steps, desc="epoch 3") as bar:   # advanced by hand
+        for batch in loader:
+            ...
+            bar.update(1, info=f"loss {loss:.3f}")
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+__all__ = ["Bar", "enabled", "progress", "set_quiet"]
+
+_QUIET = False
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Turn every progress bar of this process off (``--quiet``) or back on."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
+def enabled(quiet: bool | None = None) -> bool:
+    """Whether a bar would be drawn: stderr is a terminal and neither ``quiet`` nor ``--quiet``."""
+    if quiet or _QUIET:
+        return False
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+class Bar:
+    """A progress bar advanced by hand (``update``), a no-op where :func:`enabled` is False.
+
+    Args:
+        total: number of steps (``None``: unknown, a spinner).
+        desc: the label in front of the bar.
+        quiet: force it off.
+        leave: keep the finished bar on screen (default: erase it).
+    """
+
+    def __init__(self, total: int | None = None, desc: str = "", *, quiet: bool | None = None,
+                 leave: bool = False) -> None:
+        self._progress = None
+        self._task = None
+        self.desc = desc
+        if not enabled(quiet):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                  console=Console(file=sys.stderr), transient=not leave)
+        self._progress.start()
+        self._task = self._progress.add_task(desc, total=total, info="")
+
+    @property
+    def active(self) -> bool:
+        return self._progress is not None
+
+    def update(self, n: int = 1, *, info: str | None = None, desc: str | None = None) -> None:
+        """Advance by ``n`` steps; ``info`` replaces the text after the bar (e.g. the loss)."""
+        if self._progress is None:
+            return
+        fields: dict[str, Any] = {}
+        if info is not None:
+            fields["info"] = info
+        if desc is not None:
+            fields["description"] = desc
+        self._progress.update(self._task, advance=n, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "",
+             quiet: bool | None = None) -> Iterator[Any]:
+    """Iterate ``iterable`` with a bar (``total`` default ``len(iterable)`` when it has one)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with Bar(total=total, desc=desc, quiet=quiet) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)
