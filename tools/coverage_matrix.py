@@ -34,7 +34,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import xsurgery  # noqa: E402
-from xsurgery._inputs import call, flat_tensors, shapes_text  # noqa: E402
+from xsurgery._inputs import call, describe, flat_tensors  # noqa: E402
 from xsurgery.layers import X_LAYERS  # noqa: E402
 
 # --------------------------------------------------------------------------- the models
@@ -280,7 +280,7 @@ def measure(name: str, *, onnx: bool | None = None) -> dict[str, Any]:
     before_ref = _dense_twin(converted) if case.data_dependent else model
     row: dict[str, Any] = {
         "name": name, "family": case.family, "model": case.model,
-        "inputs": shapes_text(ex),
+        "inputs": ", ".join(f"{d['name']} {d['shape']} {d['dtype']}" for d in describe(model, ex)),
         "output_dtypes": sorted({str(o.dtype).replace("torch.", "") for o in outs}),
         "outputs_finite": all(bool(torch.isfinite(o).all()) for o in outs if o.is_floating_point()),
         "converted_layers": t["converted_layers"],

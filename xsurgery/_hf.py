@@ -9,7 +9,6 @@ so that outputs are plain tensors (exportable). transformers is optional (``xsur
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -114,10 +113,9 @@ def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretr
 
 
 def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    from ._memory import available_bytes
+
+    return available_bytes()
 
 
 def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
@@ -130,5 +128,5 @@ def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
         what = "these --model-kwargs build" if overridden else f"the default {config_name} builds"
         count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
         raise UserError(f"hf/{name}: {what} {count} parameters ({4 * n / 1e9:.1f} GB in float32, about "
-                        f"twice that to convert), more than this machine's {memory / 1e9:.1f} GB; make it smaller "
+                        f"twice that to convert), more than the {memory / 1e9:.1f} GB available; make it smaller "
                         f"with --model-kwargs, e.g. '{{\"num_hidden_layers\": 2, \"hidden_size\": 256}}'")
