@@ -173,6 +173,9 @@ def link_atomic(src: str, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)[:64]}")
     try:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(src, path):
+                return  # already that file (rename() between two links of one file would do nothing)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         try:
@@ -180,7 +183,8 @@ def link_atomic(src: str, path: str) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, path)
-        tmp = None
+        if not os.path.lexists(tmp):
+            tmp = None
     except OSError as exc:
         raise os_error(path, exc) from exc
     finally:

@@ -240,7 +240,7 @@ def _summary(rep: Report, folded: int, cut: int) -> list[str]:
     t = rep.totals
     lines = [f"{t['converted_layers']} of {len(rep.layers)} counted layers converted; FLOPs = 2 x MACs"]
     if not rep.macs_known:
-        lines.append("MACs: none without an example input; give an example input for MACs (--input-size, --input)")
+        lines.append("MACs: none counted; give an example input for MACs (--input-size, --input)")
     if folded:
         lines.append(f"xN: N identical layers in one row, per-layer values ({folded} rows folded; --all: every layer)")
     if cut:
