@@ -270,6 +270,12 @@ def test_thin_refuses_models_whose_channels_do_not_line_up():
 
 def test_openvino_backend_times_files_tuned_there():
     pytest.importorskip("openvino")
+    from test_export_runtime import isolated  # OpenVINO in a child process (see there)
+
+    isolated(_check_openvino_backend)
+
+
+def _check_openvino_backend():
     result = bench(tiny_model(), 2, input_size=INPUT, threads=1, backends=("ort", "openvino"),
                    variants=("dense", "x-k2"), **FAST)
     rows = {(r["variant"], r["backend"]): r for r in result["results"]}
