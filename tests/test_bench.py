@@ -202,22 +202,44 @@ def test_count_macs_sees_fused_attention():
 # ----------------------------------------------------------------------------- baselines at equal MACs
 
 
-def test_thin_and_tp_baselines_match_the_x_models_macs():
+def _wide_model() -> nn.Module:
+    torch.manual_seed(0)  # wide enough that one channel moves the MACs by well under 3%
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def test_thin_baseline_matches_the_x_models_macs():
     from xsurgery.bench._baselines import MACS_TOL
 
-    torch.manual_seed(0)  # wide enough that one channel moves the MACs by well under 3%
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(128, 128, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
-    result = bench(model, 2, input_size=(3, 8, 8), threads=1, backends=("torch",),
-                   variants=("dense", "default", "thin", "tp", "tp8"), **FAST)
+    result = bench(_wide_model(), [2, 4], input_size=(3, 8, 8), threads=1, backends=("torch",),
+                   variants=("dense", "default", "thin"), **FAST)
+    rows = {(r["variant"], r["compress"]): r for r in result["results"]}
+    for c in (2.0, 4.0):
+        target = rows[("default", c)]["macs_ratio"]
+        assert abs(rows[("thin", c)]["macs_ratio"] - target) <= MACS_TOL * target + 1e-4
+        assert 0 < result["baselines"][f"thin-{c:g}"]["width"] < 1
+
+
+def test_tp_baselines_match_the_x_models_macs():
+    pytest.importorskip("torch_pruning")  # the optional extra tp (in dev)
+    from xsurgery.bench._baselines import MACS_TOL
+
+    result = bench(_wide_model(), 2, input_size=(3, 8, 8), threads=1, backends=("torch",),
+                   variants=("dense", "default", "tp", "tp8"), **FAST)
     rows = {r["variant"]: r for r in result["results"]}
     target = rows["default"]["macs_ratio"]
-    for v in ("thin", "tp"):
-        assert abs(rows[v]["macs_ratio"] - target) <= MACS_TOL * target + 1e-4, (v, rows[v]["macs_ratio"], target)
+    assert abs(rows["tp"]["macs_ratio"] - target) <= MACS_TOL * target + 1e-4, (rows["tp"]["macs_ratio"], target)
     # round_to=8: every pruned width a multiple of 8, at the nearest step (64 -> 8 widths: within 15%)
     assert abs(rows["tp8"]["macs_ratio"] - target) <= 0.15 * target
-    assert 0 < result["baselines"]["thin-2"]["width"] < 1
     assert result["baselines"]["tp8-2"]["round_to"] == 8
+
+
+def test_tp_without_torch_pruning_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"xsurgery\[tp\]"):
+        bench(_wide_model(), 2, input_size=(3, 8, 8), threads=1, backends=("torch",), variants=("dense", "tp"), **FAST)
 
 
 def test_thin_keeps_the_first_channels_and_the_io():
@@ -248,6 +270,12 @@ def test_thin_refuses_models_whose_channels_do_not_line_up():
 
 def test_openvino_backend_times_files_tuned_there():
     pytest.importorskip("openvino")
+    from test_export_runtime import isolated  # OpenVINO in a child process (see there)
+
+    isolated(_check_openvino_backend)
+
+
+def _check_openvino_backend():
     result = bench(tiny_model(), 2, input_size=INPUT, threads=1, backends=("ort", "openvino"),
                    variants=("dense", "x-k2"), **FAST)
     rows = {(r["variant"], r["backend"]): r for r in result["results"]}

@@ -1,4 +1,8 @@
-"""export --runtime openvino: auto tunes in OpenVINO, the file runs there with torch's outputs."""
+"""export --runtime openvino: auto tunes in OpenVINO, the file runs there with torch's outputs.
+
+OpenVINO runs in a spawned child process: its worker threads, once loaded, make a later
+``os.kill(os.getpid(), SIGTERM)`` in the same process (tests/test_io.py) crash with SIGSEGV.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +29,20 @@ def _model() -> nn.Module:
     ).eval()
 
 
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh spawned process; its exceptions (assertions) re-raised here."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 @pytest.mark.parametrize("layout", ["gather", "auto"])
 def test_openvino_runtime_verifies_and_records_itself(tmp_path, layout):
+    isolated(_check_openvino_export, tmp_path, layout)
+
+
+def _check_openvino_export(tmp_path, layout):
     model = _model()
     res = export_onnx(model, tmp_path / "m.onnx", input_size=(16, 8, 8), layout=layout, runtime="openvino",
                       threads=1, verbose=False)
@@ -50,7 +66,13 @@ def test_default_runtime_is_onnxruntime_and_unknown_runtime_is_refused(tmp_path)
     assert not (tmp_path / "n.onnx").exists()
 
 
-def test_cli_runtime_openvino(tmp_path, capsys):
+def test_cli_runtime_openvino(tmp_path):
+    isolated(_check_cli, tmp_path)
+
+
+def _check_cli(tmp_path):
+    import contextlib
+    import io
     import json
 
     from xsurgery.checkpoint import save
@@ -59,8 +81,10 @@ def test_cli_runtime_openvino(tmp_path, capsys):
 
     model, _ = convert("resnet18", compress=4, graph="paired", input_size=(32, 32), check=False)
     save(model, str(tmp_path / "m.xs"))
-    rc = main(["export", str(tmp_path / "m.xs"), "-o", str(tmp_path / "m.onnx"), "--input-size", "32", "32",
-               "--layout", "gather", "--runtime", "openvino", "--threads", "1", "--json"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["export", str(tmp_path / "m.xs"), "-o", str(tmp_path / "m.onnx"), "--input-size", "32", "32",
+                   "--layout", "gather", "--runtime", "openvino", "--threads", "1", "--json"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(buf.getvalue())
     assert out["runtime"] == "openvino" and out["max_rel_err"] < 1e-4
