@@ -107,7 +107,7 @@ def _cli(recipe_overrides, tmp_path, tty: bool):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         return proc.returncode, proc.stdout, proc.stderr
     master, slave = pty.openpty()
-    # a terminal has a size (a fresh pty's is 0x0, where tqdm draws nothing)
+    # a terminal has a size (a fresh pty's is 0x0, where a bar has no room)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     chunks: list[bytes] = []
 

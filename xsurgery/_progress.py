@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["Bar", "enabled", "progress", "set_quiet"]
+__all__ = ["Bar", "Board", "Tracked", "enabled", "progress", "set_quiet"]
 
 _QUIET = False
 
@@ -99,3 +99,82 @@ def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "
         for item in iterable:
             yield item
             bar.update(1)
+
+
+class Board:
+    """Several bars on one display, for nested loops (the epochs and the steps inside one).
+
+    One rich display at a time is all a terminal can hold, so nested loops share this one.
+    Disabled (plain iteration, lines printed to stderr) where :func:`enabled` is False.
+
+    Args:
+        quiet: force it off.
+    """
+
+    def __init__(self, *, quiet: bool | None = None) -> None:
+        self._progress = None
+        if not enabled(quiet):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                  console=Console(file=sys.stderr))
+        self._progress.start()
+
+    @property
+    def active(self) -> bool:
+        return self._progress is not None
+
+    def track(self, iterable: Iterable[Any], total: int | None = None, desc: str = "",
+              leave: bool = True) -> Tracked:
+        """``iterable`` with a bar of its own on this board (removed at the end unless ``leave``)."""
+        return Tracked(self._progress, iterable, total, desc, leave)
+
+    def write(self, line: str) -> None:
+        """A line above the bars (or on stderr when there are none)."""
+        if self._progress is None:
+            print(line, file=sys.stderr)
+        else:
+            self._progress.console.print(line, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tracked:
+    """An iterable advancing one task of a :class:`Board` (see :meth:`Board.track`)."""
+
+    def __init__(self, progress: Any, iterable: Iterable[Any], total: int | None, desc: str, leave: bool) -> None:
+        self._progress, self._iterable, self._leave = progress, iterable, leave
+        self._task = None if progress is None else progress.add_task(desc, total=total, info="")
+        self._drawn = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._iterable:
+            yield item
+            if self._progress is not None:
+                self._progress.update(self._task, advance=1)
+        if self._progress is not None and not self._leave:
+            self._progress.remove_task(self._task)
+
+    def set_postfix(self, **fields: Any) -> None:
+        """``key=value`` text after the bar (e.g. the running loss), drawn at most 10 times a second."""
+        if self._progress is None:
+            return
+        import time
+
+        self._progress.update(self._task, info="  ".join(f"{k}={v}" for k, v in fields.items()))
+        now = time.monotonic()
+        if now - self._drawn > 0.1:  # short epochs end before the display's own refresh
+            self._drawn = now
+            self._progress.refresh()

@@ -44,6 +44,7 @@ from torch import nn
 
 from ._distributed import Dist, ShardSampler
 from ._errors import UserError
+from ._progress import Board
 from ._recipe import Recipe, ScheduleSpec, load_recipe, recipe_to_yaml
 from ._train_state import BEST, CHECKPOINT, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
@@ -103,10 +104,6 @@ def _seed_all(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
-def _progress(iterable, total: int, desc: str, show: bool, leave: bool):
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not show, dynamic_ncols=True, file=sys.stderr)
 
 
 def _check_resume(recipe: Recipe, run: Run) -> None:
@@ -146,12 +143,12 @@ def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, 
                         f"set model.kwargs.num_classes={num_classes}")
 
 
-def _evaluate(model, loader, dist: Dist, autocast, show: bool, num_classes: int) -> tuple[float, float, float]:
+def _evaluate(model, loader, dist: Dist, autocast, board: Board, num_classes: int) -> tuple[float, float, float]:
     model.eval()
     k = min(5, num_classes)
     total = correct1 = correct5 = loss_sum = 0.0
     with torch.no_grad():
-        for x, y in _progress(loader, len(loader), "eval", show, leave=False):
+        for x, y in board.track(loader, len(loader), "eval", leave=False):
             x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             with autocast():
                 logits = model(x)
@@ -191,7 +188,7 @@ def _checkpoint_writer(model: nn.Module, epoch: int, score_name: str, top1: floa
 
 
 def _finish(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_name: str, test_set, dist: Dist,
-             autocast, bars: bool, num_classes: int) -> dict[str, Any]:
+             autocast, board: Board, num_classes: int) -> dict[str, Any]:
     """After the last epoch: the test set, read once, scores ``best.xs``; ``result.json``.
 
     Without a validation split the epochs were scored on the test set already: the best of
@@ -208,7 +205,7 @@ def _finish(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_name:
         # every rank reads the file rank 0 wrote (the epoch loop ends on a barrier)
         scorer = load(os.path.join(run.folder, BEST)).to(dist.device)
         per_rank = recipe.batch_size // dist.world
-        top1, top5, loss = _evaluate(scorer, _eval_loader(test_set, recipe, dist, per_rank), dist, autocast, bars,
+        top1, top5, loss = _evaluate(scorer, _eval_loader(test_set, recipe, dist, per_rank), dist, autocast, board,
                                      num_classes)
         result.update(best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
                       test_top1=top1, test_top5=top5, test_loss=loss, test_images=len(test_set))
@@ -313,7 +310,7 @@ def train(
                 if show:
                     print(f"{run.folder}: already trained {start_epoch}/{recipe.epochs} epochs", file=sys.stderr)
                 if not os.path.isfile(os.path.join(run.folder, RESULT)):
-                    _finish(recipe, run, history, score_name, test_set, dist, autocast, bars, num_classes)
+                    _finish(recipe, run, history, score_name, test_set, dist, autocast, Board(quiet=True), num_classes)
                 return history
 
         if dist.main:
@@ -350,7 +347,8 @@ def train(
                   f"{dist.device.type}, output {run.folder}", file=sys.stderr)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
-        epoch_bar = _progress(range(start_epoch, recipe.epochs), recipe.epochs - start_epoch, "epochs", bars, True)
+        board = held.enter_context(Board(quiet=not bars))
+        epoch_bar = board.track(range(start_epoch, recipe.epochs), recipe.epochs - start_epoch, "epochs")
         for epoch in epoch_bar:
             _seed_all(recipe.seed, epoch, dist.rank)
             sampler.set_epoch(epoch)
@@ -358,7 +356,7 @@ def train(
             t0 = time.perf_counter()
             seen = correct = loss_sum = 0.0
             lr = recipe.optim.lr
-            step_bar = _progress(train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", bars, False)
+            step_bar = board.track(train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", leave=False)
             for step, (x, y) in enumerate(step_bar):
                 lr = lr_at(recipe.optim.lr, recipe.schedule, recipe.epochs, epoch + (step + 1) / steps)
                 for g in opt.param_groups:
@@ -396,7 +394,7 @@ def train(
             train_time = time.perf_counter() - t0
             seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
             # the bare model: shards may differ in batch count, and DDP's forward is a collective
-            top1, top5, score_loss = _evaluate(model, score_loader, dist, autocast, bars, num_classes)
+            top1, top5, score_loss = _evaluate(model, score_loader, dist, autocast, board, num_classes)
             epoch_time = time.perf_counter() - t0
             wall += epoch_time
             rec = {
@@ -416,12 +414,12 @@ def train(
                     line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
                             f"{score_name} {100 * top1:.2f}% (top-5 {100 * top5:.2f}%){'  *best' if artifacts else ''}  "
                             f"lr {lr:.4g}  {rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
-                    (epoch_bar.write if bars else print)(line, file=sys.stderr)
+                    board.write(line)
             dist.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         if len(history) >= recipe.epochs:
-            _finish(recipe, run, history, score_name, test_set, dist, autocast, bars, num_classes)
+            _finish(recipe, run, history, score_name, test_set, dist, autocast, board, num_classes)
         return history
     finally:
         held.close()
