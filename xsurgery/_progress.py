@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["Bar", "Board", "Tracked", "enabled", "progress", "set_quiet"]
 
@@ -37,7 +37,36 @@ def enabled(quiet: bool | None = None) -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-class Bar:
+def _rich(transient: bool):
+    """The one rich display layout every bar here uses, on stderr, started."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                        console=Console(file=sys.stderr), transient=transient)
+    progress.start()
+    return progress
+
+
+class _Display:
+    """Stops its rich display on ``close`` / leaving a ``with`` block (no-op when disabled)."""
+
+    _progress: Any = None
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Bar(_Display):
     """A progress bar advanced by hand (``update``), a no-op where :func:`enabled` is False.
 
     Args:
@@ -54,13 +83,7 @@ class Bar:
         self.desc = desc
         if not enabled(quiet):
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                  console=Console(file=sys.stderr), transient=not leave)
-        self._progress.start()
+        self._progress = _rich(transient=not leave)
         self._task = self._progress.add_task(desc, total=total, info="")
 
     @property
@@ -78,16 +101,6 @@ class Bar:
             fields["description"] = desc
         self._progress.update(self._task, advance=n, **fields)
 
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def __enter__(self) -> Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "",
@@ -101,7 +114,7 @@ def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "
             bar.update(1)
 
 
-class Board:
+class Board(_Display):
     """Several bars on one display, for nested loops (the epochs and the steps inside one).
 
     One rich display at a time is all a terminal can hold, so nested loops share this one.
@@ -115,13 +128,7 @@ class Board:
         self._progress = None
         if not enabled(quiet):
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                  console=Console(file=sys.stderr))
-        self._progress.start()
+        self._progress = _rich(transient=False)
 
     @property
     def active(self) -> bool:
@@ -139,16 +146,6 @@ class Board:
         else:
             self._progress.console.print(line, markup=False, highlight=False)
 
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def __enter__(self) -> Board:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Tracked:

@@ -272,20 +272,8 @@ def _graph_repr(m: _XBase) -> str:
 
 
 class _XConvNd(_XBase):
-    """Expander-sparse ``nn.ConvNd`` (N = ``_dims``): each output channel reads ``degree`` inputs.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
-            padding_mode: as ``nn.ConvNd`` (no ``groups``: grouped sources are not converted).
-        degree: inputs per output D; or give ``compress`` (D = C_in // compress).
-        compress: target compression C >= 1.
-        mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv.
-        graph: construction name (``random``, ``cayley``, ``grouped``, ``exact``) or a
-            prebuilt :class:`~xsurgery.graphs.BipartiteGraph`.
-        seed: seed of the graph construction.
-        blocks: explicit G (overrides ``mixing``).
-        execution: ``auto``, ``gather`` or ``masked``.
-    """
+    """Expander-sparse ``nn.ConvNd`` (N = ``_dims``): each output channel reads ``degree`` inputs;
+    arguments as :class:`XConv2d`."""
 
     _dims: int = 2
     _dense_cls: type[nn.modules.conv._ConvNd] = nn.Conv2d
