@@ -88,6 +88,9 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
     g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact, paired")
+    g.add_argument("--mix-points", default="chain", choices=["chain", "every"],
+                   help="with --mixing 1: permute channels only where a chain of converted layers "
+                        "needs it (chain, default) or at every layer")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],
@@ -107,7 +110,7 @@ def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed, "init": args.init, "layers": args.layers, "include": args.include,
         "exclude": args.exclude, "include_stem": args.include_stem,
         "include_classifier": args.include_classifier, "min_channels": args.min_channels,
-        "plan": args.plan, "execution": args.execution,
+        "plan": args.plan, "execution": args.execution, "mix_points": args.mix_points,
     }
 
 

@@ -33,6 +33,11 @@ class Trace:
     classifiers: set[str]
     error: str | None = None
     direct: set[str] = field(default_factory=set)  # layers whose weights the graph reads itself
+    # layer -> the layer that alone reads its output through per-channel ops (norms, activations,
+    # pools, dropout, depthwise convs); and per layer the node its input comes from and the node
+    # its output goes into, both found through such ops (see :func:`channel_paths`)
+    links: dict[str, str] = field(default_factory=dict)
+    ends: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
@@ -108,7 +113,65 @@ def trace_roles(model: nn.Module) -> Trace:
         if is_layer_node(node) and not downstream[node] and reaches:
             classifiers.add(node.target)
     direct = {str(n.target).rpartition(".")[0] for n in nodes if n.op == "get_attr"}
-    return Trace(True, stems, classifiers, direct=direct)
+    links, ends = channel_paths(nodes, modules)
+    return Trace(True, stems, classifiers, direct=direct, links=links, ends=ends)
+
+
+_PER_CHANNEL_MODULES = (
+    nn.modules.batchnorm._NormBase, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+_F = torch.nn.functional
+_PER_CHANNEL_FUNCS = {_F.relu, torch.relu, _F.relu6, _F.gelu, _F.silu, _F.hardswish, _F.hardsigmoid,
+                      torch.sigmoid, torch.tanh, _F.leaky_relu, _F.elu, _F.dropout, _F.batch_norm,
+                      _F.max_pool2d, _F.avg_pool2d, _F.adaptive_avg_pool2d}
+_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
+
+
+def channel_paths(nodes: list[torch.fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, dict]:
+    """Which layer alone reads each layer's output through per-channel ops, and where each
+    layer's input comes from and its output goes (node names), through such ops.
+
+    A per-channel op's output channel c depends on its input channel c only (norms,
+    activations, pools, dropout, depthwise convs): reach through it is unchanged.
+    """
+    def per_channel(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return m.groups == m.in_channels == m.out_channels
+            return isinstance(m, _PER_CHANNEL_MODULES)
+        if node.op == "call_function":
+            return node.target in _PER_CHANNEL_FUNCS
+        return node.op == "call_method" and node.target in _PER_CHANNEL_METHODS
+
+    def tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
+        first = node.args[0] if node.args else None
+        return first if isinstance(first, torch.fx.Node) else None
+
+    links: dict[str, str] = {}
+    ends: dict[str, tuple[str, str]] = {}
+    for node in nodes:
+        if node.op != "call_module" or not _is_layer(modules.get(node.target, nn.Identity())) or per_channel(node):
+            continue
+        src = tensor_input(node)
+        while src is not None and per_channel(src):
+            src = tensor_input(src)
+        out = node
+        while len(out.users) == 1:
+            (user,) = out.users
+            if tensor_input(user) is out and per_channel(user):
+                out = user
+                continue
+            if tensor_input(user) is out and user.op == "call_module" and _is_layer(modules.get(user.target, nn.Identity())):
+                links[str(node.target)] = str(user.target)
+            else:
+                out = user  # where the output goes: an add, a concat, a reshape, ...
+            break
+        ends[str(node.target)] = ("" if src is None else src.name, out.name)
+    return links, ends
 
 
 def fallback_roles(model: nn.Module) -> Trace:

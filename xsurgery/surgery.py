@@ -25,6 +25,7 @@ from torch import nn
 
 from ._errors import UserError
 from ._fx import Trace, fallback_roles, trace_roles
+from ._mixpoints import MIX_POINTS, place_mix_points
 from .graphs import BipartiteGraph, build_graph, choose_blocks, degree_for, layer_seed, list_graphs
 from .layers import EXECUTIONS, INITS, X_CONVS, XLinear, is_conv1d_linear
 
@@ -114,6 +115,7 @@ class SurgerySpec:
     min_channels: int = 0
     plan: tuple[LayerRule, ...] = ()
     execution: str = "auto"
+    mix_points: str = "chain"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -128,6 +130,8 @@ class SurgerySpec:
             raise UserError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.execution not in EXECUTIONS:
             raise UserError(f"unknown --execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        if self.mix_points not in MIX_POINTS:
+            raise UserError(f"unknown --mix-points {self.mix_points!r}; choose one of {', '.join(MIX_POINTS)}")
         bad = [k for k in self.layers if k not in KINDS]
         if bad or not self.layers:
             raise UserError(f"--layers takes any of {', '.join(KINDS)}, got {', '.join(self.layers) or 'nothing'}")
@@ -163,6 +167,7 @@ class SurgerySpec:
                 d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
         if "plan" in d:
             d["plan"] = load_plan(d["plan"])
+        d.setdefault("mix_points", "every")  # saved before the field existed: permuted everywhere
         return cls(**d)
 
 
@@ -407,6 +412,7 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
                 d.reason = f"narrower than --min-channels {spec.min_channels}"
         if d.reason is None:
             _plan_layer(d, spec, rule)
+    place_mix_points(decisions, trace, spec.mix_points)
     for rule in spec.plan:  # a rule's degree is checked like --degree: it must fit some layer it decides
         if rule.degree is None:
             continue
@@ -524,6 +530,7 @@ def convert(
     min_channels: int = 0,
     plan: str | Sequence | dict | None = None,
     execution: str = "auto",
+    mix_points: str = "chain",
     input_size: int | Sequence[int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
@@ -550,6 +557,8 @@ def convert(
         min_channels: skip layers with fewer input channels.
         plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
         execution: ``auto``, ``gather`` or ``masked``.
+        mix_points: with mixing 1, ``chain`` permutes channels only where a chain of
+            converted layers needs it (see :mod:`xsurgery._mixpoints`); ``every`` at every layer.
         input_size: shorthand for a float example of this per-sample shape: ``H``, ``(H, W)``
             or ``(C, H, W)`` for image models; the feature shape when the first layer is an
             ``nn.Linear`` (``40`` -> ``[1, 40]``), a length for Conv1d / embedding models.
@@ -589,7 +598,7 @@ def convert(
         include=(include,) if isinstance(include, str) else tuple(include),
         exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
-        plan=load_plan(plan), execution=execution,
+        plan=load_plan(plan), execution=execution, mix_points=mix_points,
     )
     example = resolve_example(model, example_inputs, input_size)
     converted, decisions, trace = apply_surgery(model, spec)
