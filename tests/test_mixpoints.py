@@ -53,7 +53,7 @@ def _full_reach_depth(model: nn.Module, blocks: int, c_in: int) -> int | None:
     for depth in range(1, blocks + 1):
         prefix = model[1:depth + 1]  # ``depth`` blocks after the (dense, mixing) stem
         x = torch.randn(1, c_in, 1, 1)
-        jac = torch.autograd.functional.jacobian(lambda t: prefix(t).flatten(), x).reshape(-1, c_in)
+        jac = torch.autograd.functional.jacobian(lambda t, p=prefix: p(t).flatten(), x).reshape(-1, c_in)
         if bool((jac.abs() > 0).all()):
             return depth
     return None

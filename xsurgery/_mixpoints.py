@@ -14,7 +14,7 @@ On ONNX Runtime this removes the Gather and the two layout reorders around each 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._fx import Trace
 from .graphs import build_graph
