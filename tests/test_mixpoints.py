@@ -1,5 +1,6 @@
-"""mix_points="chain": a mixing-1 model permutes channels only where a chain of converted layers
-needs it; reach through the real network (autograd, independent of our masks) stays full."""
+"""mix_points: "chain" makes the widest layer of each chain of converted layers (and a layer
+parallel to a chain) grouped; "auto" (default) does so at mixing 1 only. Reach through the real
+network is checked by autograd, independently of the masks."""
 
 from __future__ import annotations
 
@@ -71,21 +72,39 @@ def test_chain_drops_the_widest_permutation_of_each_chain_and_parallel_downsampl
         assert layers[f"{i}.conv1"].graph.construction == "grouped"
 
 
-def test_every_permutes_at_every_layer_and_mixing_2_is_unchanged():
-    every, _ = convert(resnet_like(), compress=4, mixing=1, mix_points="every", check=False, input_size=(32, 8, 8))
-    assert not any(m._identity for m in _x_layers(every).values())
-    k2, _ = convert(resnet_like(), compress=4, mixing=2, check=False, input_size=(32, 8, 8))
-    k2_every, _ = convert(resnet_like(), compress=4, mixing=2, mix_points="every", check=False, input_size=(32, 8, 8))
-    for (n, a), (_, b) in zip(_x_layers(k2).items(), _x_layers(k2_every).items()):
-        assert torch.equal(a.index, b.index), n
+def test_every_keeps_the_graph_everywhere_and_auto_only_at_mixing_1():
+    for mixing in (1, 2):
+        every, _ = convert(resnet_like(), compress=4, mixing=mixing, mix_points="every", check=False,
+                           input_size=(32, 8, 8))
+        assert {m.graph.construction for m in _x_layers(every).values()} == {"random"}
+    default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # auto, mixing 2
+    assert {m.graph.construction for m in _x_layers(default).values()} == {"random"}
+    mixed, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8),
+                       plan=[{"pattern": "[1-3].*", "mixing": 1}])  # auto: chain only where mixing is 1
+    grouped = {n for n, m in _x_layers(mixed).items() if m.graph.construction == "grouped"}
+    assert grouped == {"1.conv1", "1.downsample.0", "2.conv1", "3.conv1"}
 
 
-@pytest.mark.parametrize("compress", [4, 8])
-def test_reach_through_the_network_is_at_most_one_block_slower(compress):
+def test_chain_with_mixing_2_makes_the_same_layers_grouped_and_keeps_the_rest():
+    k2, _ = convert(resnet_like(), compress=4, mix_points="chain", check=False, input_size=(32, 8, 8))
+    every, _ = convert(resnet_like(), compress=4, mix_points="every", check=False, input_size=(32, 8, 8))
+    grouped = {n for n, m in _x_layers(k2).items() if m.graph.construction == "grouped"}
+    assert grouped == {"1.conv1", "1.downsample.0", "2.conv1", "3.conv1", "4.conv1", "5.conv1"}
+    for (n, a), (_, b) in zip(_x_layers(k2).items(), _x_layers(every).items()):
+        assert a.degree == b.degree and a.weight.shape == b.weight.shape, n  # same D, params, MACs
+        if n in grouped:
+            assert a._identity and a.blocks == a.in_features // a.degree  # G = C_in / D, no gather
+        else:
+            assert torch.equal(a.index, b.index) and a.blocks == 2 * a.in_features // a.degree, n
+
+
+@pytest.mark.parametrize("mixing,compress", [(1, 4), (1, 8), (2, 4), (2, 8)])
+def test_reach_through_the_network_is_at_most_one_block_slower(mixing, compress):
     depths = {}
     for mode in ("chain", "every"):
-        model, _ = convert(resnet_like(), compress=compress, mixing=1, mix_points=mode, check=False,
+        model, _ = convert(resnet_like(), compress=compress, mixing=mixing, mix_points=mode, check=False,
                            input_size=(32, 8, 8))
+        assert mode == "every" or any(m._identity for m in _x_layers(model).values())
         depths[mode] = _full_reach_depth(model, 5, 32)
     grouped, _ = convert(resnet_like(), compress=compress, graph="grouped", check=False, input_size=(32, 8, 8))
     assert _full_reach_depth(grouped, 5, 32) is None  # the baseline never mixes: the check can fail
@@ -114,8 +133,14 @@ def test_checkpoints_round_trip_and_older_specs_mean_every(tmp_path):
     back = load(str(tmp_path / "m.xs"), model=resnet_like())
     for (n, a), (_, b) in zip(_x_layers(model).items(), _x_layers(back).items()):
         assert torch.equal(a.index, b.index), n
-    old = SurgerySpec(mixing=1).to_dict()
-    old.pop("mix_points")
-    assert SurgerySpec.from_dict(old).mix_points == "every"
+    # a checkpoint written before the field existed loads with the graph at every layer
+    every, _ = convert(resnet_like(), compress=4, mixing=1, mix_points="every", check=False, input_size=(32, 8, 8))
+    every._xsurgery_spec.pop("mix_points")
+    save(every, str(tmp_path / "old.xs"))
+    old = load(str(tmp_path / "old.xs"), model=resnet_like())
+    assert not any(m._identity for m in _x_layers(old).values())
+    assert SurgerySpec.from_dict({"mixing": 1}).mix_points == "auto"  # recipes: today's default
     with pytest.raises(UserError, match="--mix-points"):
         SurgerySpec(mixing=1, mix_points="sometimes")
+    spec = SurgerySpec(mix_points="chain")
+    assert SurgerySpec.from_dict(spec.to_dict()) == spec

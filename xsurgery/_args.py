@@ -88,9 +88,10 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
     g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact, paired")
-    g.add_argument("--mix-points", default="chain", choices=["chain", "every"],
-                   help="with --mixing 1: permute channels only where a chain of converted layers "
-                        "needs it (chain, default) or at every layer")
+    g.add_argument("--mix-points", default="auto", choices=["auto", "chain", "every"],
+                   help="chain: the widest layer of each chain of converted layers (and a layer "
+                        "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "
+                        "the graph at every layer; auto (default): chain at mixing 1, else every")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],

@@ -166,7 +166,8 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     built = dense
     if manifest.get("surgery") is not None:
         try:
-            spec = SurgerySpec.from_dict(manifest["surgery"])
+            # a spec saved before mix_points existed had the graph at every layer
+            spec = SurgerySpec.from_dict({"mix_points": "every", **manifest["surgery"]})
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
         built, _, _ = apply_surgery(dense, spec)

@@ -115,7 +115,7 @@ class SurgerySpec:
     min_channels: int = 0
     plan: tuple[LayerRule, ...] = ()
     execution: str = "auto"
-    mix_points: str = "chain"
+    mix_points: str = "auto"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -167,7 +167,6 @@ class SurgerySpec:
                 d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
         if "plan" in d:
             d["plan"] = load_plan(d["plan"])
-        d.setdefault("mix_points", "every")  # saved before the field existed: permuted everywhere
         return cls(**d)
 
 
@@ -530,7 +529,7 @@ def convert(
     min_channels: int = 0,
     plan: str | Sequence | dict | None = None,
     execution: str = "auto",
-    mix_points: str = "chain",
+    mix_points: str = "auto",
     input_size: int | Sequence[int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
@@ -557,8 +556,10 @@ def convert(
         min_channels: skip layers with fewer input channels.
         plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
         execution: ``auto``, ``gather`` or ``masked``.
-        mix_points: with mixing 1, ``chain`` permutes channels only where a chain of
-            converted layers needs it (see :mod:`xsurgery._mixpoints`); ``every`` at every layer.
+        mix_points: ``chain``: the widest layer of each chain of converted layers (and a layer
+            parallel to a chain) is grouped, the chain's other layers mix (see
+            :mod:`xsurgery._mixpoints`); ``every``: the graph at every layer; ``auto``
+            (default): ``chain`` for mixing-1 layers, ``every`` for the others.
         input_size: shorthand for a float example of this per-sample shape: ``H``, ``(H, W)``
             or ``(C, H, W)`` for image models; the feature shape when the first layer is an
             ``nn.Linear`` (``40`` -> ``[1, 40]``), a length for Conv1d / embedding models.

@@ -28,7 +28,8 @@ from ._measure import (
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
 # x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
-ALL_VARIANTS = VARIANTS + ("x-paired",) + BASELINES
+# x-chain: k = 2 with mix_points="chain" (the widest layer of each chain grouped)
+ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain") + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
 # opt-in: OpenVINO CPU (optional dependency), each variant exported with --runtime openvino
 ALL_BACKENDS = BACKENDS + ("openvino",)
@@ -43,6 +44,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "masked": {"mixing": 2, "execution": "masked"},
     "default": {},
     "x-paired": {"graph": "paired"},
+    "x-chain": {"mixing": 2, "mix_points": "chain"},
 }
 
 
