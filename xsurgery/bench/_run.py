@@ -28,8 +28,9 @@ from ._measure import (
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
 # x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
-# x-chain: k = 2 with mix_points="chain" (the widest layer of each chain grouped)
-ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain") + BASELINES
+# x-chain: k = 2 with mix_points="chain" (the widest layer of each chain grouped);
+# x-k1-every: k = 1 permuting at every layer (the rule before mix points)
+ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain", "x-k1-every") + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
 # opt-in: OpenVINO CPU (optional dependency), each variant exported with --runtime openvino
 ALL_BACKENDS = BACKENDS + ("openvino",)
@@ -45,6 +46,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "x-paired": {"graph": "paired"},
     "x-chain": {"mixing": 2, "mix_points": "chain"},
+    "x-k1-every": {"mixing": 1, "mix_points": "every"},
 }
 
 
