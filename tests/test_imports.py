@@ -15,7 +15,7 @@ PKG = pathlib.Path(xsurgery.__file__).parent
 
 # rank of every module; infrastructure (``_*``) sits where it is used
 RANK = {
-    "_errors": 0, "_version": 0, "_io": 1, "_memory": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "_mixpoints": 3.5, "zoo": 3, "_sources": 4, "_hf": 3, "_example": 2.5, "_inputs": 3,
+    "_errors": 0, "_version": 0, "_io": 1, "_memory": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "_mixpoints": 3.5, "_spec": 3.6, "_outcheck": 4, "zoo": 3, "_sources": 4, "_hf": 3, "_example": 2.5, "_inputs": 3,
     "_table": 1.5, "_progress": 1.5, "_count": 5.5, "_render": 5.8, "_plot": 6.5, "_onnx_report": 6.5,
     "_connectivity": 7.5,
     "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "_recipe": 9, "data": 10,
