@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from xsurgery._errors import UserError
-from xsurgery._recipe import DataSpec
-from xsurgery.data import FASHION_MNIST_FILES, NORMALIZATION, build_datasets, build_splits, read_idx
+from xsurgery.train._recipe import DataSpec
+from xsurgery.train.data import FASHION_MNIST_FILES, NORMALIZATION, build_datasets, build_splits, read_idx
 
 CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
          np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}

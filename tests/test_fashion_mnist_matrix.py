@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from xsurgery._recipe import load_recipe
 from xsurgery.layers import XConv2d
 from xsurgery.train import build_model
+from xsurgery.train._recipe import load_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,8 +18,10 @@ RANK = {
     "_errors": 0, "_version": 0, "_io": 1, "_memory": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "_mixpoints": 3.5, "_spec": 3.6, "_outcheck": 4, "zoo": 3, "_sources": 4, "_hf": 3, "_example": 2.5, "_inputs": 3,
     "_table": 1.5, "_progress": 1.5, "_count": 5.5, "_render": 5.8, "_plot": 6.5, "_onnx_report": 6.5,
     "_connectivity": 7.5,
-    "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "_recipe": 9, "data": 10,
-    "_train_state": 10, "_distributed": 10, "train": 11, "cli": 13, "__init__": 14,
+    "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "cli": 13, "__init__": 14,
+    # train/: recipe -> data -> distributed / epoch commits -> the loop
+    "train._recipe": 9, "train.data": 10, "train._distributed": 10, "train._state": 10, "train._loop": 10.5,
+    "train": 11,
     # export/: layer forms -> torch->ONNX -> ORT timing / metadata / verification -> driver -> CLI
     "export._forms": 8.0, "export._trace": 8.1, "export._ort": 8.2, "export._ov": 8.2, "export._meta": 8.2, "export._verify": 8.2,
     "export._export": 8.5, "export._cli": 8.6, "export": 8.9,

@@ -5,9 +5,9 @@ import pytest
 from torch import nn
 
 from xsurgery._errors import UserError
-from xsurgery._recipe import Recipe, apply_overrides, list_variants, load_recipe, recipe_to_yaml
 from xsurgery.layers import XConv2d, XLinear
 from xsurgery.train import build_model
+from xsurgery.train._recipe import Recipe, apply_overrides, list_variants, load_recipe, recipe_to_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))

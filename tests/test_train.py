@@ -10,10 +10,10 @@ import torch
 
 import xsurgery
 from xsurgery._errors import UserError
-from xsurgery._recipe import ScheduleSpec, load_recipe
-from xsurgery.data import digits_tensors
 from xsurgery.layers import XConv2d
 from xsurgery.train import lr_at, train
+from xsurgery.train._recipe import ScheduleSpec, load_recipe
+from xsurgery.train.data import digits_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "recipes", "digits.yaml")
@@ -162,7 +162,7 @@ def test_torchrun_two_process_gloo(tmp_path):
 
 
 def test_cifar_offline_without_files_is_one_line_error(tmp_path):
-    from xsurgery.data import build_datasets
+    from xsurgery.train.data import build_datasets
 
     recipe = load_recipe(os.path.join(ROOT, "recipes", "cifar10_densenet_bc40.yaml"), [f"data.root={tmp_path}"])
     with pytest.raises(UserError) as info:
@@ -177,7 +177,7 @@ def test_cifar_offline_without_files_is_one_line_error(tmp_path):
 def test_digits_split_and_fake_data_are_seeded():
     from sklearn.datasets import load_digits
 
-    from xsurgery.data import build_datasets
+    from xsurgery.train.data import build_datasets
 
     xtr, ytr, xte, yte = digits_tensors((1, 16, 16))
     assert len(ytr) + len(yte) == len(load_digits().target) and len(yte) == 359

@@ -16,9 +16,9 @@ from test_data import fake_fashion_mnist
 
 import xsurgery
 from xsurgery._errors import UserError
-from xsurgery._recipe import load_recipe
-from xsurgery.data import build_splits
 from xsurgery.train import final_line, train
+from xsurgery.train._recipe import load_recipe
+from xsurgery.train.data import build_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "fashion_mnist_resnet.yaml")

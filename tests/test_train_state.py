@@ -1,4 +1,4 @@
-"""A run survives any kill, and one folder is written by one run (xsurgery/_train_state.py)."""
+"""A run survives any kill, and one folder is written by one run (xsurgery/train/_state.py)."""
 
 import builtins
 import errno
@@ -14,11 +14,11 @@ import time
 import pytest
 
 import xsurgery
-from xsurgery import _train_state
 from xsurgery._errors import UserError
-from xsurgery._recipe import load_recipe
-from xsurgery._train_state import Run
+from xsurgery.train import _state as _train_state
 from xsurgery.train import train
+from xsurgery.train._recipe import load_recipe
+from xsurgery.train._state import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "recipes", "digits.yaml")
@@ -227,8 +227,8 @@ def test_concurrent_runs_one_folder(tmp_path):
 
 
 def test_set_up_mistakes_are_one_line_before_any_step(tmp_path, capsys, monkeypatch):
-    from xsurgery import train as train_module
     from xsurgery.cli import main
+    from xsurgery.train import _loop as train_module
 
     steps = []
     monkeypatch.setattr(train_module.torch.optim.SGD, "step", lambda *a, **k: steps.append(1))

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ._errors import UserError
+from .._errors import UserError
 
 __all__ = [
     "RECIPE_VERSION",
@@ -156,7 +156,7 @@ class ScheduleSpec:
 
 
 def _surgery_type():
-    from .surgery import SurgerySpec
+    from ..surgery import SurgerySpec
 
     return SurgerySpec
 

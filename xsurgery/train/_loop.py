@@ -15,7 +15,7 @@ Outputs, in the recipe's output folder (rank 0 writes, every file atomically):
   ``train_state.safetensors`` with optimizer tensors and RNG states); no pickle;
 * ``metrics.jsonl``: one JSON line per epoch.
 
-A kill at any instant leaves the last finished epoch intact (see :mod:`xsurgery._train_state`);
+A kill at any instant leaves the last finished epoch intact (see :mod:`xsurgery.train._state`);
 the folder is locked while a run writes it, and files the run did not write are refused
 without ``--force`` (and never deleted).
 
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import UserError
+from .._progress import Board
 from ._distributed import Dist, ShardSampler
-from ._errors import UserError
-from ._progress import Board
 from ._recipe import Recipe, ScheduleSpec, load_recipe, recipe_to_yaml
-from ._train_state import BEST, CHECKPOINT, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
+from ._state import BEST, CHECKPOINT, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
 __all__ = ["add_cli", "build_model", "final_line", "lr_at", "train"]
 
@@ -64,8 +64,8 @@ def build_model(recipe: Recipe) -> nn.Module:
 
     Seeded from ``recipe.seed`` so that every process (and every resume) builds the same one.
     """
-    from ._sources import create_model
-    from .surgery import convert
+    from .._sources import create_model
+    from ..surgery import convert
 
     torch.manual_seed(recipe.seed)
     m = recipe.model
@@ -179,7 +179,7 @@ def _best(history: list[dict[str, Any]], score_name: str) -> dict[str, Any] | No
 
 
 def _checkpoint_writer(model: nn.Module, epoch: int, score_name: str, top1: float) -> Callable[[str], None]:
-    from .checkpoint import save
+    from ..checkpoint import save
 
     def write(path: str) -> None:
         save(model, path, force=True, extra={"epoch": epoch, f"{score_name}_top1": top1})
@@ -200,7 +200,7 @@ def _finish(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_name:
     result: dict[str, Any] = {"epochs": len(history), "best_epoch": best["epoch"], "selected_on": score_name,
                               "last_epoch_" + score_name + "_top1": history[-1][f"{score_name}_top1"]}
     if score_name == "val":
-        from .checkpoint import load
+        from ..checkpoint import load
 
         # every rank reads the file rank 0 wrote (the epoch loop ends on a barrier)
         scorer = load(os.path.join(run.folder, BEST)).to(dist.device)
@@ -296,7 +296,7 @@ def train(
 
         start_epoch, global_step, wall, history = 0, 0, 0.0, []
         if resume:
-            from .checkpoint import load
+            from ..checkpoint import load
 
             record, tensors = run.load()
             model.load_state_dict(load(run.checkpoint).state_dict())

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _io
-from ._errors import UserError
+from .. import _io
+from .._errors import UserError
 
 STATE_VERSION = 2
 CHECKPOINT = "last.xs"
@@ -286,7 +286,7 @@ class Run:
             raise _io.os_error(exc.filename or self.folder, exc) from exc
 
     def _save(self, model, opt, scaler, scalars, history, artifacts) -> None:
-        from .checkpoint import save
+        from ..checkpoint import save
 
         previous = self._committed()
         stage_name = f"epoch-{int(scalars['epoch']):04d}"

@@ -1,0 +1,12 @@
+"""Training: a recipe (``_recipe``: YAML -> typed specs) builds the datasets (``data``) and the
+model, and the loop (``_loop``) trains it from scratch, resumable, on one process or many
+(``_distributed``: DDP under ``torchrun``), committing every epoch atomically (``_state``).
+
+``xsurgery train recipes/<name>.yaml`` is the command line; :func:`train` the Python entry.
+"""
+
+from __future__ import annotations
+
+from ._loop import add_cli, build_model, final_line, lr_at, train
+
+__all__ = ["add_cli", "build_model", "final_line", "lr_at", "train"]
