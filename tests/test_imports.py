@@ -1,9 +1,9 @@
-"""The package's import graph: acyclic, and data flows one way (README, Layout).
+"""The package's import graph: one folder per stage, data flows one way (README, Layout).
 
-graphs -> layers -> surgery -> analysis -> checkpoint -> export -> train -> bench -> cli; a
-module never imports one above it. Deferred (function-level) imports count for cycles too.
-A subpackage's modules are named ``package.module`` (its ``__init__`` is ``package``) and have
-their own order inside the package's place.
+errors -> _util -> graphs -> layers -> models -> surgery -> analysis -> checkpoint -> export ->
+train -> bench -> cli: a module never imports a folder ranked above its own, deferred
+(function-level) imports included, and the import graph is acyclic. Across folders only public
+names travel: a folder's ``_name.py`` modules and ``_name`` objects stay inside it.
 """
 
 import ast
@@ -13,20 +13,10 @@ import xsurgery
 
 PKG = pathlib.Path(xsurgery.__file__).parent
 
-# rank of every module; infrastructure (``_*``) sits where it is used
+# rank of every folder (the top-level modules are their own "folder")
 RANK = {
-    "_errors": 0, "_version": 0, "_io": 1, "_memory": 1, "_args": 4, "graphs": 1, "layers": 2, "_fx": 3, "_mixpoints": 3.5, "_spec": 3.6, "_outcheck": 4, "zoo": 3, "_sources": 4, "_hf": 3, "_example": 2.5, "_inputs": 3,
-    "_table": 1.5, "_progress": 1.5, "_count": 5.5, "_render": 5.8, "_plot": 6.5, "_onnx_report": 6.5,
-    "_connectivity": 7.5,
-    "surgery": 5, "analysis": 6, "_manifest": 6, "checkpoint": 7, "cli": 13, "__init__": 14,
-    # train/: recipe -> data -> distributed / epoch commits -> the loop
-    "train._recipe": 9, "train.data": 10, "train._distributed": 10, "train._state": 10, "train._loop": 10.5,
-    "train": 11,
-    # export/: layer forms -> torch->ONNX -> ORT timing / metadata / verification -> driver -> CLI
-    "export._forms": 8.0, "export._trace": 8.1, "export._ort": 8.2, "export._ov": 8.2, "export._meta": 8.2, "export._verify": 8.2,
-    "export._export": 8.5, "export._cli": 8.6, "export": 8.9,
-    # bench/: measuring -> the benchmark -> rendering -> CLI
-    "bench._measure": 12.0, "bench._baselines": 12.1, "bench._run": 12.2, "bench._output": 12.4, "bench._cli": 12.6, "bench": 12.9,
+    "errors": 0, "_version": 0, "_util": 1, "graphs": 2, "layers": 3, "models": 4, "surgery": 5, "analysis": 6,
+    "checkpoint": 7, "export": 8, "train": 9, "bench": 10, "cli": 11, "__init__": 12,
 }
 # deferred imports that go up, kept on purpose (a ratchet: a new one fails this test):
 # convert() returns its report
@@ -41,53 +31,57 @@ def _name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
-    """The package modules an ``ImportFrom`` in ``module`` names (dotted, relative to xsurgery)."""
+def _folder(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[tuple[str, str]]:
+    """(imported module, imported name) for an ``ImportFrom`` in ``module`` (dotted, relative to xsurgery)."""
     if node.level:
-        base = module.split(".") if is_package else module.split(".")[:-1]
-        if module == "__init__":
-            base = []
+        base = [] if module == "__init__" else module.split(".") if is_package else module.split(".")[:-1]
         base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+        target = base + (node.module.split(".") if node.module else [])
     elif node.module and node.module.split(".")[0] == "xsurgery":
-        base, node_module = [], ".".join(node.module.split(".")[1:])
-        return [node_module] if node_module else [a.name for a in node.names]
+        target = node.module.split(".")[1:]
     else:
         return []
-    if node.module:
-        return [".".join(base + node.module.split("."))]
-    return [".".join(base + [a.name]) for a in node.names]
+    out = []
+    for a in node.names:
+        sub = PKG.joinpath(*target, a.name)
+        if sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file():  # `from . import zoo`: a module
+            out.append((".".join(target + [a.name]), ""))
+        else:
+            out.append((".".join(target), a.name))
+    return out
 
 
-def _known(name: str) -> str:
-    """The ranked module a dotted import lands in (``export._ort.x`` -> ``export._ort``)."""
-    parts = name.split(".")
-    while parts and ".".join(parts) not in RANK:
-        parts.pop()
-    return ".".join(parts) or name
-
-
-def _imports(path: pathlib.Path) -> list[tuple[str, bool]]:
-    """(imported xsurgery module, at module level?) for every import in the file."""
+def _imports(path: pathlib.Path) -> list[tuple[str, str, bool]]:
+    """(imported xsurgery module, name, at module level?) for every import in the file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
     module, is_package = _name(path), path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            out += [(_known(n), id(node) in top) for n in _resolve(module, is_package, node)]
+            out += [(m, n, id(node) in top) for m, n in _resolve(module, is_package, node)]
     return out
 
 
-def _graph() -> dict[str, list[tuple[str, bool]]]:
+def _graph() -> dict[str, list[tuple[str, str, bool]]]:
     return {_name(p): _imports(p) for p in sorted(PKG.rglob("*.py"))}
 
 
-def test_every_module_has_a_rank():
-    assert set(_graph()) == set(RANK), "give a new module its place in RANK"
+def test_every_folder_has_a_rank():
+    assert {_folder(m) for m in _graph()} == set(RANK), "give a new folder its place in RANK"
+
+
+def test_ranks_are_the_stage_order():
+    assert sorted(RANK.values()) == [0, 0, *range(1, 13)]
 
 
 def test_import_graph_is_acyclic():
-    graph = {m: {d for d, _ in deps if d in RANK and d != m} for m, deps in _graph().items()}
+    modules = set(_graph())
+    graph = {m: {d for d, _, _ in deps if d in modules and d != m} for m, deps in _graph().items()}
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:
@@ -107,11 +101,36 @@ def test_import_graph_is_acyclic():
 def test_imports_flow_one_way():
     bad = []
     for m, deps in _graph().items():
-        for d, top_level in deps:
-            if d in RANK and RANK[d] >= RANK[m] and not (not top_level and (m, d) in UPWARD_DEFERRED):
+        for d, _, top_level in deps:
+            a, b = _folder(m), _folder(d)
+            if a != b and RANK[b] >= RANK[a] and not (not top_level and (a, b) in UPWARD_DEFERRED):
                 bad.append(f"{m} -> {d}")
     assert not bad, f"imports against the data flow: {bad}"
 
 
+def test_private_names_stay_in_their_folder():
+    bad = []
+    for m, deps in _graph().items():
+        for d, name, _ in deps:
+            if _folder(m) == _folder(d) or d.startswith("_util"):
+                continue
+            private_module = any(p.startswith("_") for p in d.split(".")[1:])
+            if private_module or (name.startswith("_") and not name.startswith("__")):
+                bad.append(f"{m} -> {d}{'.' + name if name else ''}")
+    assert not bad, f"private names imported across folders: {bad}"
+
+
+def test_only_the_cli_parses_arguments():
+    users = set()
+    for p in PKG.rglob("*.py"):
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if "argparse" in names:
+                users.add(_folder(_name(p)))
+    assert users <= {"cli"}, f"argparse imported outside cli/: {sorted(users - {'cli'})}"
+
+
 def test_model_building_knows_nothing_about_checkpoints():
-    assert all(d != "checkpoint" for d, _ in _graph()["_sources"])
+    assert all(_folder(d) != "checkpoint" for m, deps in _graph().items() if _folder(m) == "models" for d, _, _ in deps)

@@ -34,8 +34,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import xsurgery  # noqa: E402
-from xsurgery._inputs import call, describe, flat_tensors  # noqa: E402
 from xsurgery.layers import X_LAYERS  # noqa: E402
+from xsurgery.models import call, describe, flat_tensors  # noqa: E402
 
 # --------------------------------------------------------------------------- the models
 
@@ -84,7 +84,7 @@ def encoder() -> nn.Module:
 
 def _hf(name: str, **config: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from xsurgery._hf import create_hf_model
+        from xsurgery.models.hf import create_hf_model
 
         return create_hf_model(name, config)
 
@@ -93,7 +93,7 @@ def _hf(name: str, **config: Any) -> Callable[[], nn.Module]:
 
 def _tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from xsurgery._sources import create_model
+        from xsurgery.models import create_model
 
         return create_model(name, kwargs)
 
@@ -240,7 +240,7 @@ def _onnx(converted: nn.Module, example: Any, folder: str) -> dict[str, Any]:
 
     path = os.path.join(folder, "m.onnx")
     res = export_onnx(converted, path, example_inputs=example, layout="gather", verbose=False)
-    from xsurgery._inputs import normalize
+    from xsurgery.models import normalize
 
     ex = normalize(example)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -268,10 +268,10 @@ def measure(name: str, *, onnx: bool | None = None) -> dict[str, Any]:
     converted, rep = xsurgery.convert(model, compress=2, example_inputs=example, **case.convert_kwargs)
     converted.eval()
     with torch.no_grad():
-        out = call(converted, xsurgery._inputs.normalize(example))
+        out = call(converted, xsurgery.models.normalize(example))
     outs = _flat_out(out)
     t = rep.totals
-    ex = xsurgery._inputs.normalize(example)
+    ex = xsurgery.models.normalize(example)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # the report on the same input as the counter below
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "transformers": transformers.__version__}
-    from xsurgery._io import write_text
+    from xsurgery._util.io import write_text
 
     write_text(os.path.join(args.out, "coverage.json"), json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n",
                force=True)

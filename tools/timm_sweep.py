@@ -18,7 +18,7 @@ import warnings
 import timm
 import torch
 
-from xsurgery._progress import progress
+from xsurgery._util.progress import progress
 from xsurgery.surgery import convert
 
 SMALL = re.compile(r"(atto|femto|pico|nano|xxs|xxsmall|xx_small|tiny|xs|_s\d?_|small|b0|_t\d?$|18|mobile|lite|_050|_075|_100)")

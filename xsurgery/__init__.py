@@ -1,9 +1,11 @@
-"""xsurgery: make any torchvision/timm model expander-sparse before training.
+"""xsurgery: make any torch model expander-sparse before training.
 
-Data flows graphs -> layers -> surgery -> analysis -> export -> train -> cli.
+One folder per stage; data flows one way (README, Layout):
+graphs -> layers -> models -> surgery -> analysis -> checkpoint -> export -> train -> bench -> cli.
 """
 
 from ._version import __version__
+from .errors import UserError
 from .graphs import BipartiteGraph, build_graph, list_graphs, register_graph
 from .layers import XConv1d, XConv2d, XConv3d, XLinear
 
@@ -27,6 +29,7 @@ def __getattr__(name):
 
 __all__ = [
     "BipartiteGraph",
+    "UserError",
     "XConv1d",
     "XConv2d",
     "XConv3d",

@@ -12,7 +12,6 @@ change on a shared machine moves all of them alike and the ratios stay comparabl
 
 from __future__ import annotations
 
-from ._cli import add_cli
 from ._measure import (
     Timing,
     count_macs,
@@ -24,7 +23,7 @@ from ._measure import (
     train_runner,
     versions,
 )
-from ._output import markdown_table, plot, print_table, write_json
+from ._output import csv_table, markdown_table, plot, print_table, write_json
 from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
 
 __all__ = [
@@ -35,9 +34,9 @@ __all__ = [
     "Timing",
     "VARIANTS",
     "VARIANT_OPTIONS",
-    "add_cli",
     "bench",
     "count_macs",
+    "csv_table",
     "machine_info",
     "markdown_table",
     "measure",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
+from ..errors import UserError
 
 BASELINES = ("thin", "tp", "tp8")
 MACS_TOL = 0.03  # relative MACs difference to the X-model the bisection must reach

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
+from ..errors import UserError
 
 # ----------------------------------------------------------------------------- environment
 
@@ -164,15 +164,15 @@ def train_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
 
 def _ort_session(path: str | os.PathLike, threads: int | None):
     """The session export's ``layout="auto"`` times with (spinning off): one way of timing."""
-    from ..export._ort import session
+    from ..export import ort_session
 
-    return session(path, threads)
+    return ort_session(path, threads)
 
 
 def ov_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
     """OpenVINO CPU inference of an exported file (latency hint, one stream, its default precision)."""
-    from .._inputs import flat_tensors
-    from ..export._ov import session
+    from ..export import ov_session as session
+    from ..models import flat_tensors
 
     sess = session(path, threads)
     tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
@@ -187,7 +187,7 @@ def ov_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Ca
 
 def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
     """ONNX Runtime CPU inference of an exported file on the fixed input ``x`` (a tensor or an example)."""
-    from .._inputs import flat_tensors
+    from ..models import flat_tensors
 
     sess = _ort_session(path, threads)
     tensors = flat_tensors(x) if isinstance(x, tuple) else [x]

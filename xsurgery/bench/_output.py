@@ -116,7 +116,7 @@ def plot(results: Sequence[dict[str, Any]] | dict[str, Any], path: str | os.Path
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = True) -> None:
-    from .._io import write_atomic
+    from .._util.io import write_atomic
 
     write_atomic(os.fspath(path), write, force=force)
 

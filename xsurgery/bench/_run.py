@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
+from ..errors import UserError
 from ._baselines import BASELINES, baseline
 from ._measure import (
     _call,
@@ -135,7 +135,7 @@ def bench(
     """Time the variants of one model as ratios to the dense model.
 
     Args:
-        model: a name for :func:`xsurgery._sources.create_model` or a module (the dense model).
+        model: a name for :func:`xsurgery.models.sources.create_model` or a module (the dense model).
         compress: one compression C or several (one dense reference serves all of them).
         batch: batch size N of the timed input ``[N, *input_size]``.
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
@@ -164,7 +164,7 @@ def bench(
     """
     backends = _check_choices(backends, ALL_BACKENDS, "backend")
     if "openvino" in backends:
-        from ..export._ov import check_installed
+        from ..export import check_installed
 
         check_installed()
     variants = _check_choices(variants, ALL_VARIANTS, "variant")
@@ -190,7 +190,7 @@ def bench(
     threads = torch.get_num_threads()
     try:
         dense = _create(model, **(load_options or {})).eval()
-        from .._inputs import describe, per_sample_size, resolve
+        from ..models import describe, per_sample_size, resolve
 
         x = resolve(dense, example_inputs, input_size, batch=batch)
         if x is None:

@@ -27,10 +27,11 @@ dynamic batch axis from a batch-1 example (the dynamo exporter specialises batch
 
 from __future__ import annotations
 
-from ._cli import add_cli
 from ._export import DEFAULT_OPSET, LAYOUTS, MAX_OPSET, ExportResult, export_onnx
 from ._meta import read_metadata
-from ._ov import RUNTIMES
+from ._ort import session as ort_session
+from ._ov import RUNTIMES, check_installed
+from ._ov import session as ov_session
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "add_cli", "export_onnx",
-           "read_metadata"]
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "check_installed", "export_onnx",
+           "ort_session", "ov_session", "read_metadata"]

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
-from .._io import TMP_PREFIX, check_output, os_error, remove_stale_temps
+from .._util.io import TMP_PREFIX, check_output, os_error, remove_stale_temps
+from ..errors import UserError
 from ..layers import XLinear
 from . import _ort, _ov
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
@@ -141,11 +141,11 @@ def export_onnx(
     folder = os.path.dirname(os.path.abspath(path))
     check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
 
-    from .._inputs import describe, flat_tensors, input_names, resample, resolve
+    from ..models import describe, flat_tensors, input_names, resample, resolve
 
     base = copy.deepcopy(model).cpu().eval()
     if not allow_nonfinite:
-        from .._manifest import check_finite
+        from ..checkpoint import check_finite
 
         check_finite({**dict(base.named_parameters()), **dict(base.named_buffers())}, "export")
     layers = _x_layers(base)
@@ -259,7 +259,7 @@ def export_onnx(
         # OpenVINO: verify in f32 (a bf16 CPU's default precision is not what rtol measures)
         vsess = sess if runtime == "onnxruntime" else _ov.session(tmp, threads, exact=True)
         if verify:
-            from .._inputs import call
+            from ..models import call
 
             flat_v = flat_tensors(example_v)
             vb = list(flat_v[0].shape)

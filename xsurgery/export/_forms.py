@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import UserError
-from ..layers import X_LAYERS, XLinear, _conv
+from ..errors import UserError
+from ..layers import X_LAYERS, XLinear, conv_nd
 
 
 class _GatherLinear(nn.Module):
@@ -82,8 +82,8 @@ class _PairedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (self.stride, self.padding, self.dilation, self.blocks, self.padding_mode, self.dims)
-        own = _conv(x, self.w_own, self.bias, *args)
-        return own + _conv(x.index_select(1, self.perm), self.w_perm, None, *args)
+        own = conv_nd(x, self.w_own, self.bias, *args)
+        return own + conv_nd(x.index_select(1, self.perm), self.w_perm, None, *args)
 
 
 def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -114,7 +114,7 @@ def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tu
 
 def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
     """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw."""
-    from .._inputs import call, first_error_line, shapes_text
+    from ..models import call, first_error_line, shapes_text
 
     seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
     hooks = []

@@ -147,7 +147,7 @@ def _choose_layouts(layers, shapes, inner, opset, threads, log, make=None
     make = make or session
     choices, timings = {}, {}
     gen = torch.Generator().manual_seed(1)
-    from .._progress import progress  # a bar on terminals only (not in pipes, logs, --quiet)
+    from .._util.progress import progress  # a bar on terminals only (not in pipes, logs, --quiet)
 
     for name, layer in progress(layers, desc="timing X-layers in ORT"):
         if not shapes[name]:  # never called in forward: nothing to time, dense is safe

@@ -52,7 +52,7 @@ def session(model: str | bytes, threads: int | None, *, exact: bool = False) -> 
 
 
 def check_installed() -> None:
-    from .._errors import UserError
+    from ..errors import UserError
 
     try:
         import openvino  # noqa: F401

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
+from ..errors import UserError
 
 
 class _FlatInputs(nn.Module):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
+from ..errors import UserError
 
 
 def _to_cpu(example: tuple) -> tuple:

@@ -7,6 +7,9 @@ model, and the loop (``_loop``) trains it from scratch, resumable, on one proces
 
 from __future__ import annotations
 
-from ._loop import add_cli, build_model, final_line, lr_at, train
+from ._loop import build_model, final_line, lr_at, train
+from ._recipe import Recipe, load_recipe, recipe_to_yaml
+from ._state import BEST, CHECKPOINT, RESULT
 
-__all__ = ["add_cli", "build_model", "final_line", "lr_at", "train"]
+__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "build_model", "final_line", "load_recipe", "lr_at",
+           "recipe_to_yaml", "train"]

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .._errors import UserError
+from ..errors import UserError
 
 __all__ = ["Dist", "ShardSampler"]
 

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .._errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "RECIPE_VERSION",
@@ -40,7 +40,7 @@ FASHION_MNIST_VAL = 5000
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the model comes from (see :func:`xsurgery._sources.create_model`)."""
+    """Where the model comes from (see :func:`xsurgery.models.sources.create_model`)."""
 
     source: str = "digits_cnn"
     kwargs: dict = field(default_factory=dict)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _io
-from .._errors import UserError
+from .._util import io as _io
+from ..errors import UserError
 
 STATE_VERSION = 2
 CHECKPOINT = "last.xs"

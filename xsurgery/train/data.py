@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .._errors import UserError
+from ..errors import UserError
 from ._recipe import DataSpec
 
 __all__ = ["DIGITS_SPLIT_SEED", "FASHION_MNIST_FILES", "NORMALIZATION", "Splits", "TensorImages", "build_datasets",

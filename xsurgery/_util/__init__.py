@@ -1,0 +1,1 @@
+"""Infrastructure every stage uses: atomic file io, progress bars, memory checks, tables."""

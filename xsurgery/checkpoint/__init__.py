@@ -1,0 +1,18 @@
+"""Checkpoints: safetensors weights + a JSON manifest that records the surgery (data, never code)."""
+
+from __future__ import annotations
+
+from ._manifest import check_finite, weights_digest
+from ._store import FORMAT, is_checkpoint_path, load, read_manifest, resolve_model, save, write_atomic
+
+__all__ = [
+    "FORMAT",
+    "check_finite",
+    "weights_digest",
+    "is_checkpoint_path",
+    "load",
+    "read_manifest",
+    "resolve_model",
+    "save",
+    "write_atomic",
+]

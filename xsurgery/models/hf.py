@@ -1,0 +1,132 @@
+"""Hugging Face transformers models by name (``hf/bert``), built offline from config objects.
+
+A model is built from the library's default configuration of its architecture with random
+weights: nothing is downloaded. ``model_kwargs`` override config fields (a field the config
+does not have is an error, not silently stored). Attention runs as plain matmuls
+(``attn_implementation="eager"``) so that the report counts its MACs, and the KV cache is off
+so that outputs are plain tensors (exportable). transformers is optional (``xsurgery[hf]``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+__all__ = ["SHORT_NAMES", "create_hf_model"]
+
+# short name -> (config class, model class)
+SHORT_NAMES: dict[str, tuple[str, str]] = {
+    "bert": ("BertConfig", "BertModel"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "t5": ("T5Config", "T5ForConditionalGeneration"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "vit": ("ViTConfig", "ViTModel"),
+}
+# default configs that are far too large to build on a laptop: a small model of the same shape
+SMALL: dict[str, dict[str, Any]] = {
+    # LlamaConfig() is LLaMA-7B (6.7 B parameters, 27 GB in float32)
+    "llama": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 8},
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UserError("hf/ models need transformers: pip install 'xsurgery[hf]'") from exc
+    return transformers
+
+
+def _config_class(tf, name: str):
+    """A short name, a ``model_type`` (``roberta``) or a config class name (``RobertaConfig``)."""
+    key = name.lower()
+    if key in SHORT_NAMES:
+        return getattr(tf, SHORT_NAMES[key][0]), getattr(tf, SHORT_NAMES[key][1])
+    mapping = tf.models.auto.configuration_auto.CONFIG_MAPPING
+    candidates = [key, key[: -len("config")] if key.endswith("config") else key]
+    for model_type in candidates:
+        model_type = model_type.replace("-", "_")
+        if model_type in mapping:
+            return mapping[model_type], None
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SHORT_NAMES) + list(mapping.keys()), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join('hf/' + c for c in close)}?" if close else \
+        f"; short names: {', '.join('hf/' + n for n in SHORT_NAMES)}, or any transformers model_type"
+    raise UserError(f"unknown Hugging Face model {name!r}{hint}")
+
+
+def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
+    """Build ``hf/<name>`` from its default config with random weights.
+
+    Args:
+        name: ``bert``, ``gpt2``, ``t5``, ``llama``, ``vit``, or any transformers ``model_type``
+            / config class name (built with ``AutoModel.from_config``).
+        model_kwargs: config fields to override, e.g. ``{"n_layer": 2, "n_embd": 64}``.
+        pretrained: refused: weights live on the Hugging Face hub, which xsurgery does not use.
+
+    Raises:
+        UserError: transformers missing, unknown name or config field, ``pretrained``.
+    """
+    if pretrained:
+        raise UserError(f"hf/{name} is built from its config with random weights; xsurgery does not download "
+                        f"from the Hugging Face hub: drop --pretrained, or load the pretrained model with "
+                        f"transformers and pass it to xsurgery.convert")
+    tf = _transformers()
+    config_cls, model_cls = _config_class(tf, name)
+    kwargs = dict(model_kwargs or {})
+    default = config_cls()
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        raise UserError(f"hf/{name}: {config_cls.__name__} has no field(s) {', '.join(unknown)}; "
+                        f"see {config_cls.__name__}() for the fields")
+    small = {k: v for k, v in SMALL.get(name.lower(), {}).items() if k not in kwargs}
+    if small:
+        print(f"note: hf/{name}: the default {config_cls.__name__} is full-size; building a small one "
+              f"({', '.join(f'{k}={v}' for k, v in small.items())}); --model-kwargs overrides these",
+              file=sys.stderr)
+    fields = {"use_cache": False, **small, **kwargs}
+    if "use_cache" not in known:
+        fields.pop("use_cache")
+    def build():
+        if model_cls is None:
+            return tf.AutoModel.from_config(config, attn_implementation="eager")
+        return model_cls(config)
+
+    try:
+        config = config_cls(**fields)
+        config._attn_implementation = "eager"  # plain matmuls: counted by the report and FlopCounterMode
+        with torch.device("meta"):  # counted without allocating: refuse what cannot fit, in one line
+            n_params = sum(p.numel() for p in build().parameters())
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"hf/{name}: {config_cls.__name__} rejected --model-kwargs {kwargs}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    _check_size(name, config_cls.__name__, n_params, bool(kwargs))
+    return build().eval()
+
+
+def _memory_bytes() -> int | None:
+    from .._util.memory import available_bytes
+
+    return available_bytes()
+
+
+def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
+    """Refuse, in one line, a model that cannot fit: many default configs are full-size
+    (Mistral, Falcon: 7 B parameters). Convert holds the model and its converted copy, so
+    twice the float32 size must fit in memory."""
+    memory = _memory_bytes()
+    need = 2 * 4 * n
+    if memory is not None and need > 0.8 * memory:
+        what = "these --model-kwargs build" if overridden else f"the default {config_name} builds"
+        count = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        raise UserError(f"hf/{name}: {what} {count} parameters ({4 * n / 1e9:.1f} GB in float32, about "
+                        f"twice that to convert), more than the {memory / 1e9:.1f} GB available; make it smaller "
+                        f"with --model-kwargs, e.g. '{{\"num_hidden_layers\": 2, \"hidden_size\": 256}}'")

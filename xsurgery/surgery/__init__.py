@@ -1,0 +1,27 @@
+"""Surgery: which layers to convert (plan, spec, decisions) and the rewrite of the model."""
+
+from __future__ import annotations
+
+from ._convert import (
+    KINDS,
+    Decision,
+    LayerRule,
+    SurgerySpec,
+    apply_surgery,
+    check_outputs,
+    convert,
+    decide,
+    load_plan,
+)
+
+__all__ = [
+    "Decision",
+    "KINDS",
+    "LayerRule",
+    "SurgerySpec",
+    "apply_surgery",
+    "check_outputs",
+    "convert",
+    "decide",
+    "load_plan",
+]

@@ -1,0 +1,232 @@
+"""What decides a surgery: the spec (``SurgerySpec``), per-pattern plan rules (``LayerRule``,
+:func:`load_plan`) and the per-layer outcome (``Decision``). Plain data, validated on
+construction; :mod:`xsurgery.surgery` applies it."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import UserError
+from ..graphs import BipartiteGraph, list_graphs
+from ..layers import EXECUTIONS, INITS
+from ._mixpoints import MIX_POINTS
+
+__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_pattern", "load_plan", "match_pattern"]
+
+
+def match_pattern(name: str, pattern: str) -> bool:
+    """A qualified layer name against a glob, or a regex written ``re:<regex>`` (full match)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+KINDS = ("pointwise", "conv", "linear")
+SPEC_VERSION = 1
+MAX_PLAN_BYTES = 1 << 20
+
+
+def check_pattern(pattern: Any, where: str) -> None:
+    """A glob or ``re:<regex>`` that compiles (a bad regex is a one-line error, not re.error)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise UserError(f"{where}: a pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise UserError(f"{where}: {pattern!r} is not a valid regular expression ({exc}); "
+                            f"fix it or use a glob such as 'layer*.conv1'") from None
+
+
+def _check_values(where: str, compress: Any, degree: Any, mixing: Any, graph: Any) -> None:
+    """compress >= 1, degree and mixing positive integers, a registered graph (None: not set)."""
+    prefix = "--" if where == "" else f"{where}: "
+    if compress is not None:
+        if isinstance(compress, bool) or not isinstance(compress, (int, float)) or not math.isfinite(compress) \
+                or compress < 1:
+            raise UserError(f"{prefix}compress must be a number >= 1 (1 keeps layers dense), got {compress!r}")
+    if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+        raise UserError(f"{prefix}degree must be a positive integer, got {degree!r}")
+    if mixing is not None and (isinstance(mixing, bool) or not isinstance(mixing, int) or mixing < 1):
+        raise UserError(f"{prefix}mixing must be a positive integer, got {mixing!r}")
+    if graph is not None and (not isinstance(graph, str) or graph not in list_graphs()):
+        what = "unknown --graph" if where == "" else f"{where}: unknown graph"
+        raise UserError(f"{what} {graph!r}; choose one of {', '.join(list_graphs())}")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Per-pattern settings of a plan: exact name, glob, or ``re:<regex>``.
+
+    A rule that matches a layer converts it (it wins over the stem/classifier/kind/width
+    defaults like ``--include``) with its own settings, unless ``skip`` keeps it dense.
+    """
+
+    pattern: str
+    compress: float | None = None
+    degree: int | None = None
+    mixing: int | None = None
+    graph: str | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        # the same checks as the command line's values (SurgerySpec), named by the rule
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise UserError(f"plan rule pattern must be a layer name, glob or re:regex, got {self.pattern!r}")
+        where = f"plan rule {self.pattern!r}"
+        check_pattern(self.pattern, where)
+        if self.compress is not None and self.degree is not None:
+            raise UserError(f"{where}: give compress or degree, not both")
+        _check_values(where, self.compress, self.degree, self.mixing, self.graph)
+        if not isinstance(self.skip, bool):
+            raise UserError(f"{where}: skip must be true or false, got {self.skip!r}")
+
+    def matches(self, name: str) -> bool:
+        return match_pattern(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class SurgerySpec:
+    """Everything that decides a surgery; round-trips through :meth:`to_dict`."""
+
+    compress: float | None = None
+    degree: int | None = None
+    mixing: int = 2
+    graph: str = "random"
+    seed: int = 0
+    init: str = "kaiming"
+    layers: tuple[str, ...] = KINDS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_stem: bool = False
+    include_classifier: bool = False
+    min_channels: int = 0
+    plan: tuple[LayerRule, ...] = ()
+    execution: str = "auto"
+    mix_points: str = "auto"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.compress is None and self.degree is None:
+            object.__setattr__(self, "compress", 2.0)
+        if self.compress is not None and self.degree is not None:
+            raise UserError("give --compress or --degree, not both")
+        if self.mixing is None:
+            raise UserError("--mixing must be a positive integer, got None")
+        _check_values("", self.compress, self.degree, self.mixing, self.graph)
+        if self.init not in INITS:
+            raise UserError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.execution not in EXECUTIONS:
+            raise UserError(f"unknown --execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        if self.mix_points not in MIX_POINTS:
+            raise UserError(f"unknown --mix-points {self.mix_points!r}; choose one of {', '.join(MIX_POINTS)}")
+        bad = [k for k in self.layers if k not in KINDS]
+        if bad or not self.layers:
+            raise UserError(f"--layers takes any of {', '.join(KINDS)}, got {', '.join(self.layers) or 'nothing'}")
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 0:
+            raise UserError(f"--min-channels must be an integer >= 0, got {self.min_channels!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UserError(f"--seed must be an integer, got {self.seed!r}")
+        for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for p in patterns:
+                check_pattern(p, flag)
+        for rule in self.plan:
+            if not isinstance(rule, LayerRule):
+                raise UserError(f"a plan is a list of rules such as [{{pattern: 'features.*', compress: 4}}], got {rule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"], d["include"], d["exclude"] = list(self.layers), list(self.include), list(self.exclude)
+        d["plan"] = [{k: v for k, v in asdict(r).items() if v not in (None, False)} for r in self.plan]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SurgerySpec:
+        d = dict(d)
+        version = d.pop("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise UserError(f"surgery spec version {version} is not supported (this xsurgery reads {SPEC_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown surgery field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        for key in ("layers", "include", "exclude"):
+            if key in d and d[key] is not None:
+                d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
+        if "plan" in d:
+            d["plan"] = load_plan(d["plan"])
+        return cls(**d)
+
+
+def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
+    """Rules from a YAML/JSON file path, a list of dicts, or ``{"rules": [...]}``.
+
+    Each rule: ``{pattern, compress?, degree?, mixing?, graph?, skip?}``.
+    """
+    if plan is None:
+        return ()
+    if isinstance(plan, str):
+        try:
+            with open(plan, encoding="utf-8") as f:
+                text = f.read(MAX_PLAN_BYTES + 1)  # bounded: /dev/zero is a "file" too
+        except OSError as exc:
+            raise UserError(f"cannot read plan file {plan!r}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise UserError(f"plan file {plan!r} is not UTF-8 text; give a YAML/JSON list of rules") from None
+        if len(text) > MAX_PLAN_BYTES:
+            raise UserError(f"plan file {plan!r} is larger than {MAX_PLAN_BYTES >> 20} MiB; a plan is a short list of rules")
+        try:
+            if plan.endswith(".json"):
+                plan = json.loads(text)
+            else:
+                import yaml
+
+                plan = yaml.safe_load(text)
+        except Exception as exc:
+            raise UserError(f"plan file {plan!r} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+    if isinstance(plan, dict):
+        plan = plan.get("rules", [])
+    if not isinstance(plan, (list, tuple)):
+        raise UserError("a plan is a list of rules such as [{pattern: 'features.*', compress: 4}]")
+    rules = []
+    valid = {f.name for f in fields(LayerRule)}
+    for item in plan:
+        if isinstance(item, LayerRule):
+            rules.append(item)
+            continue
+        if not isinstance(item, dict) or "pattern" not in item:
+            raise UserError(f"plan rule {item!r} needs a 'pattern' (a module name, glob, or re:regex)")
+        unknown = sorted(set(item) - valid)
+        if unknown:
+            raise UserError(f"plan rule {item['pattern']!r}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        rules.append(LayerRule(**item))
+    return tuple(rules)
+
+
+@dataclass
+class Decision:
+    """What the surgery does with one conv/linear layer (also the report's per-layer input)."""
+
+    name: str
+    kind: str
+    converted: bool
+    reason: str | None
+    in_channels: int
+    out_channels: int
+    kernel: list[int] | None
+    degree: int | None = None
+    blocks: int | None = None
+    graph: str | None = None
+    mixing: float | None = None
+    spectral_gap: float | None = None
+    note: str | None = None
+    seed: int | None = None
+    _graph: BipartiteGraph | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
