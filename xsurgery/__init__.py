@@ -7,7 +7,7 @@ graphs -> layers -> models -> surgery -> analysis -> checkpoint -> export -> tra
 from ._version import __version__
 from .errors import UserError
 from .graphs import BipartiteGraph, build_graph, list_graphs, register_graph
-from .layers import XConv1d, XConv2d, XConv3d, XLinear
+from .layers import SparsityConfig, XConv1d, XConv2d, XConv3d, XLinear
 
 
 def __getattr__(name):
@@ -29,6 +29,7 @@ def __getattr__(name):
 
 __all__ = [
     "BipartiteGraph",
+    "SparsityConfig",
     "UserError",
     "XConv1d",
     "XConv2d",

@@ -16,17 +16,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..graphs import BipartiteGraph, spectral_gap
-from ..layers import X_LAYERS, XLinear, is_conv1d_linear
+from ..layers import X_LAYERS, XLinear, kind_family, layer_kind, x_layer_kind
 
 __all__ = ["LayerRow", "cached_spectral_gap"]
 
 _X = X_LAYERS
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, *X_LAYERS)
 
 
 def _is_counted(m: nn.Module) -> bool:
-    """Counted from its shapes (transformers' Conv1D is a linear stored ``[in, out]``)."""
-    return isinstance(m, _COUNTED) or is_conv1d_linear(m)
+    """Counted from its shapes: a registered layer kind (transformers' Conv1D is a linear stored
+    ``[in, out]``), its X-layer, or any other conv (transposed, grouped)."""
+    return isinstance(m, (nn.modules.conv._ConvNd, *X_LAYERS)) or layer_kind(m) is not None
 
 
 # --------------------------------------------------------------------------- rows
@@ -107,35 +107,27 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
         kernel = None if isinstance(m, XLinear) else list(m.kernel_size)
         area = math.prod(kernel) if kernel else 1
         return LayerRow(
-            name=name, kind=("linear" if kernel is None else "pointwise" if area == 1 else "conv"), converted=True,
+            name=name, kind=m.kind, converted=True,
             in_channels=m.in_features, out_channels=m.out_features, kernel=kernel, degree=m.degree,
             blocks=m.blocks, graph=m.graph_name, spectral_gap=cached_spectral_gap(m.graph), mixing=m.mixing,
             params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
             execution=m.resolved_execution(), macs_executed=0,
         )
     params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
-    if is_conv1d_linear(m):
-        return LayerRow(name=name, kind="linear", in_channels=int(m.weight.shape[0]),
-                        out_channels=int(m.weight.shape[1]), params_before=params, params_after=params)
-    if isinstance(m, nn.Linear):
-        return LayerRow(name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
-                        params_before=params, params_after=params)
-    return LayerRow(name=name, kind=_conv_kind(m), in_channels=m.in_channels, out_channels=m.out_channels,
-                    kernel=list(m.kernel_size), params_before=params, params_after=params)
+    kind = layer_kind(m)
+    cin, cout, kernel = kind.shape(m) if kind is not None else (m.in_channels, m.out_channels, list(m.kernel_size))
+    family = kind_family(m) if kind is not None else _conv_kind(m)
+    return LayerRow(name=name, kind=family, in_channels=cin, out_channels=cout, kernel=kernel,
+                    params_before=params, params_after=params)
 
 
 def _module_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     """(before, after) MACs of one call of a counted module."""
-    if isinstance(m, XLinear):
-        return out.numel() * m.in_features, out.numel() * m.degree
     if isinstance(m, _X):
-        area = math.prod(m.kernel_size)
-        return out.numel() * m.in_channels * area, out.numel() * m.degree * area
-    if is_conv1d_linear(m):
-        macs = out.numel() * int(m.weight.shape[0])
-        return macs, macs
-    if isinstance(m, nn.Linear):
-        macs = out.numel() * m.in_features
+        return x_layer_kind(m).x_macs(m, out)
+    kind = layer_kind(m)
+    if kind is not None:
+        macs = kind.macs(m, inp, out)
         return macs, macs
     k = math.prod(m.kernel_size)
     if getattr(m, "transposed", False):  # every input element scatters into C_out/groups * k outputs

@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from ..errors import UserError
+from ..graphs import list_graphs
+from ..layers import SparsityConfig
 
 __all__ = ["add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args", "add_trust_args", "example_arg",
            "load_options", "surgery_kwargs", "table_options"]
@@ -87,7 +89,8 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--degree", type=int, default=None, metavar="D", help="explicit degree D per output")
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
-    g.add_argument("--graph", default="random", help="random (default), cayley, grouped, exact, paired")
+    g.add_argument("--graph", default="random",
+                   help="random (default), " + ", ".join(n for n in list_graphs() if n != "random"))
     g.add_argument("--mix-points", default="auto", choices=["auto", "chain", "every"],
                    help="chain: the widest layer of each chain of converted layers (and a layer "
                         "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "
@@ -105,13 +108,18 @@ def add_surgery_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--execution", default="auto", help="auto (default), gather or masked")
 
 
+def sparsity_config(args: argparse.Namespace) -> SparsityConfig:
+    """The command line's sparsity settings as one config."""
+    return SparsityConfig(compress=args.compress, degree=args.degree, mixing=args.mixing, graph=args.graph,
+                          seed=args.seed, execution=args.execution, mix_points=args.mix_points)
+
+
 def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``convert`` keyword arguments: the sparsity config and the layer selection."""
     return {
-        "compress": args.compress, "degree": args.degree, "mixing": args.mixing, "graph": args.graph,
-        "seed": args.seed, "init": args.init, "layers": args.layers, "include": args.include,
+        "config": sparsity_config(args), "init": args.init, "layers": args.layers, "include": args.include,
         "exclude": args.exclude, "include_stem": args.include_stem,
-        "include_classifier": args.include_classifier, "min_channels": args.min_channels,
-        "plan": args.plan, "execution": args.execution, "mix_points": args.mix_points,
+        "include_classifier": args.include_classifier, "min_channels": args.min_channels, "plan": args.plan,
     }
 
 

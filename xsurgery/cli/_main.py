@@ -105,7 +105,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     kw["plan"] = load_plan(kw["plan"])
     for key in ("layers", "include", "exclude"):
         kw[key] = tuple(kw[key])
-    decisions, trace = decide(model, SurgerySpec(**kw))
+    decisions, trace = decide(model, SurgerySpec.from_config(kw.pop("config"), **kw))
     rows = []
     for d in decisions:
         row = d.to_dict()

@@ -1,27 +1,32 @@
-"""Expander graphs: bipartite graphs of inputs to blocks, built by registered constructions, and their spectra."""
+"""Expander graphs: which inputs each block of outputs reads, built by registered constructions
+(each declaring its own constraints), and what they do for a network (coverage, spectral gap,
+sensitivity depth)."""
 
 from __future__ import annotations
 
+from . import _constructions  # noqa: F401  (registers random, grouped, paired, exact, cayley)
+from ._constructions import cayley_spectrum
 from ._core import (
     BipartiteGraph,
+    GraphConstruction,
     build_graph,
-    cayley_spectrum,
     choose_blocks,
     degree_for,
-    input_coverage,
+    graph_construction,
     layer_seed,
     list_graphs,
     register_graph,
-    sensitivity_depth,
-    spectral_gap,
 )
+from ._spectral import input_coverage, sensitivity_depth, spectral_gap
 
 __all__ = [
     "BipartiteGraph",
+    "GraphConstruction",
     "build_graph",
     "cayley_spectrum",
     "choose_blocks",
     "degree_for",
+    "graph_construction",
     "input_coverage",
     "layer_seed",
     "list_graphs",

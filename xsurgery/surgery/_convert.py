@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..graphs import build_graph, choose_blocks, degree_for, layer_seed
-from ..layers import X_CONVS, XLinear, is_conv1d_linear
+from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
 from ._fx import Trace, fallback_roles, trace_roles
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
@@ -33,7 +33,6 @@ __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "ch
 
 # nn.ConvNd / nn.Linear subclasses with the same forward (safe to replace)
 _SAME_FORWARD = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "timm.layers.linear.Linear"}
-_CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _qualname(cls: type) -> str:
@@ -47,34 +46,15 @@ def _same_forward(m: nn.Module) -> bool:
     that overrides ``forward`` / ``_conv_forward`` (timm's ``StdConv2d``) does not, unless
     known to compute the same.
     """
-    cls = type(m)
-    if cls in _CONVERTIBLE or is_conv1d_linear(m) or _qualname(cls) in _SAME_FORWARD:
+    cls, base = type(m), layer_kind(m).base
+    if base is None or cls is base or _qualname(cls) in _SAME_FORWARD:
         return True
-    base = next(b for b in _CONVERTIBLE if isinstance(m, b))
     return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
 
 
 def is_layer_candidate(m: nn.Module) -> bool:
     """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
-    return isinstance(m, _CONVERTIBLE) or is_conv1d_linear(m)
-
-
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear) or is_conv1d_linear(m):
-        return "linear"
-    if m.groups > 1:
-        return "depthwise" if m.groups == m.in_channels else "grouped"
-    return "pointwise" if all(k == 1 for k in m.kernel_size) else "conv"
-
-
-def _shape(m: nn.Module) -> tuple[int, int, list[int] | None]:
-    """(C_in, C_out, kernel or None) of a candidate layer."""
-    if is_conv1d_linear(m):
-        cin, cout = m.weight.shape  # stored [in, out]
-        return int(cin), int(cout), None
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features, None
-    return m.in_channels, m.out_channels, list(m.kernel_size)
+    return layer_kind(m) is not None
 
 
 def _weight_params(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -167,8 +147,8 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
                 decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
                                           list(w.shape[2:]) or None))
             continue
-        kind = _kind(m)
-        cin, cout, kernel = _shape(m)
+        kind = kind_family(m)
+        cin, cout, kernel = layer_kind(m).shape(m)
         d = Decision(name, kind, False, None, cin, cout, kernel)
         decisions.append(d)
         rule = _rule_for(name, spec.plan)
@@ -260,8 +240,7 @@ def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[
         if not d.converted:
             continue
         dense = modules[d.name]
-        cls = XLinear if d.kind == "linear" else next(x for c, x in X_CONVS.items() if isinstance(dense, c))
-        layer = cls.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
+        layer = layer_kind(dense).x_class.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
         layer.train(dense.training)
         _swap(out, dense, layer)
     _disable_fused_encoder(out)
@@ -279,7 +258,7 @@ def _disable_fused_encoder(model: nn.Module) -> None:
     there for that check alone), and the encoder builds nested tensors only when
     ``use_nested_tensor``; clearing both gives the same math through the modules.
     """
-    xs = tuple(X_CONVS.values()) + (XLinear,)
+    xs = X_LAYERS
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and any(isinstance(c, xs) for c in m.modules()):
             m.activation_relu_or_gelu = 0
@@ -301,12 +280,8 @@ def normalize_input_size(input_size: int | Sequence[int] | None, model: nn.Modul
 
 def convert(
     model: nn.Module | str,
+    config: SparsityConfig | None = None,
     *,
-    compress: float | None = None,
-    degree: int | None = None,
-    mixing: int = 2,
-    graph: str = "random",
-    seed: int = 0,
     init: str = "kaiming",
     layers: Sequence[str] = KINDS,
     include: Sequence[str] = (),
@@ -315,25 +290,26 @@ def convert(
     include_classifier: bool = False,
     min_channels: int = 0,
     plan: str | Sequence | dict | None = None,
-    execution: str = "auto",
-    mix_points: str = "auto",
     input_size: int | Sequence[int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
     check: bool = True,
     allow_none: bool = False,
     example_inputs: Any = None,
+    **sparsity: Any,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
 
     Args:
         model: an ``nn.Module`` (not modified) or a model source (see
             :func:`xsurgery.models.sources.create_model`).
-        compress: target compression C (D = C_in // C, at least 1); default 2.
-        degree: explicit degree D instead of ``compress``.
-        mixing: k, blocks reading each input (1 = shuffle + grouped conv, 2 = expander).
-        graph: construction (``random``, ``cayley``, ``grouped``, ``exact``).
-        seed: global seed; each layer's graph is seeded from it and the layer's name.
+        config: a :class:`~xsurgery.layers.SparsityConfig`: compress (default 2) or degree,
+            mixing, graph, seed, execution, mix points. ``mix_points="chain"``: the widest layer of
+            each chain of converted layers (and a layer parallel to a chain) is grouped, the
+            chain's other layers mix; ``every``: the graph at every layer; ``auto`` (default):
+            ``chain`` for mixing-1 layers, ``every`` for the others.
+        **sparsity: any of the config's fields as keywords (``compress=4, mixing=1``), overriding
+            ``config``; the config's ``blocks`` is per layer and not taken here.
         init: ``kaiming`` (fresh) or ``keep`` (copy the kept dense weights).
         layers: kinds to convert: ``pointwise``, ``conv``, ``linear``.
         include: glob/``re:`` patterns converted regardless of the defaults.
@@ -342,11 +318,6 @@ def convert(
         include_classifier: convert the classifier too.
         min_channels: skip layers with fewer input channels.
         plan: per-pattern rules (file path, list or dict; see :func:`load_plan`).
-        execution: ``auto``, ``gather`` or ``masked``.
-        mix_points: ``chain``: the widest layer of each chain of converted layers (and a layer
-            parallel to a chain) is grouped, the chain's other layers mix (see
-            :mod:`xsurgery.surgery._mixpoints`); ``every``: the graph at every layer; ``auto``
-            (default): ``chain`` for mixing-1 layers, ``every`` for the others.
         input_size: shorthand for a float example of this per-sample shape: ``H``, ``(H, W)``
             or ``(C, H, W)`` for image models; the feature shape when the first layer is an
             ``nn.Linear`` (``40`` -> ``[1, 40]``), a length for Conv1d / embedding models.
@@ -379,13 +350,13 @@ def convert(
         name = type(model).__name__
     else:
         raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
-    spec = SurgerySpec(
-        compress=compress, degree=degree, mixing=mixing, graph=graph, seed=seed, init=init,
+    spec = SurgerySpec.from_config(
+        SparsityConfig.of(config, **sparsity), init=init,
         layers=(layers,) if isinstance(layers, str) else tuple(layers),
         include=(include,) if isinstance(include, str) else tuple(include),
         exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
-        plan=load_plan(plan), execution=execution, mix_points=mix_points,
+        plan=load_plan(plan),
     )
     example = resolve_example(model, example_inputs, input_size)
     converted, decisions, trace = apply_surgery(model, spec)

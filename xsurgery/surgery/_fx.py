@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layers import X_LAYERS, is_conv1d_linear
+from ..layers import X_LAYERS, layer_kind
 
 __all__ = ["Trace", "fallback_roles", "trace_roles"]
 
@@ -60,7 +60,7 @@ def _tracer_for(model: nn.Module) -> torch.fx.Tracer:
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *X_LAYERS)) or is_conv1d_linear(m)
+    return isinstance(m, X_LAYERS) or layer_kind(m) is not None
 
 
 def _is_conv(m: nn.Module) -> bool:

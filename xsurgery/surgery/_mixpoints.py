@@ -25,9 +25,8 @@ from collections.abc import Sequence
 from ..graphs import build_graph
 from ._fx import Trace
 
-__all__ = ["MIX_POINTS", "place_mix_points"]
+__all__ = ["place_mix_points"]
 
-MIX_POINTS = ("auto", "chain", "every")
 
 
 def place_mix_points(decisions: Sequence, trace: Trace, mode: str) -> None:

@@ -14,8 +14,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..graphs import BipartiteGraph, list_graphs
-from ..layers import EXECUTIONS, INITS
-from ._mixpoints import MIX_POINTS
+from ..layers import EXECUTIONS, INITS, MIX_POINTS, SparsityConfig
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_pattern", "load_plan", "match_pattern"]
 
@@ -138,6 +137,19 @@ class SurgerySpec:
         for rule in self.plan:
             if not isinstance(rule, LayerRule):
                 raise UserError(f"a plan is a list of rules such as [{{pattern: 'features.*', compress: 4}}], got {rule!r}")
+
+    @classmethod
+    def from_config(cls, config: SparsityConfig, **selection: Any) -> SurgerySpec:
+        """The spec of ``config`` (its per-layer ``blocks`` excepted) and the selection fields."""
+        if config.blocks is not None:
+            raise UserError("blocks is a per-layer setting; a surgery takes compress or degree and mixing")
+        sparsity = {k: v for k, v in config.to_dict().items() if k != "blocks"}
+        return cls(**sparsity, **selection)
+
+    @property
+    def sparsity(self) -> SparsityConfig:
+        """The spec's sparsity settings as a :class:`~xsurgery.layers.SparsityConfig`."""
+        return SparsityConfig.of(**{k: getattr(self, k) for k in SparsityConfig.field_names() if k != "blocks"})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
