@@ -82,24 +82,39 @@ def write_atomic(path: str, write: Callable[[str], Any], *, force: bool = False)
     folder = os.path.dirname(os.path.abspath(path))
     suffix = "-" + os.path.basename(path)[:64]
     remove_stale_temps(folder, suffix)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    with _temp_for(path) as temp:
+        fd, temp.name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
         os.close(fd)
-        write(tmp)
+        write(temp.name)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
+        os.chmod(temp.name, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
         if not force and os.path.lexists(path):  # appeared while we wrote: still no silent overwrite
             raise UserError(f"{path} exists; pass --force to overwrite it")
-        os.replace(tmp, path)
-        tmp = None
+        os.replace(temp.name, path)
+        temp.name = None
+
+
+class _Temp:
+    """The temp file a write owns: ``name`` while it is there to remove, None once renamed."""
+
+    name: str | None = None
+
+
+@contextlib.contextmanager
+def _temp_for(path: str) -> Iterator[_Temp]:
+    """The one clean-up of the atomic writes: inside, an ``OSError`` becomes a one-line
+    :class:`UserError` about ``path``; on the way out, by any exit, the temp file still
+    named is removed."""
+    temp = _Temp()
+    try:
+        yield temp
     except OSError as exc:
         raise os_error(path, exc) from exc
     finally:
-        if tmp is not None:
+        if temp.name is not None:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(temp.name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -177,10 +192,8 @@ def link_atomic(src: str, path: str) -> None:
     with contextlib.suppress(OSError):
         if os.path.samefile(src, path):
             return
-    try:
-        with contextlib.suppress(OSError):
-            if os.path.samefile(src, path):
-                return  # already that file (rename() between two links of one file would do nothing)
+    with _temp_for(path) as temp:
+        temp.name = tmp
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         try:
@@ -189,13 +202,7 @@ def link_atomic(src: str, path: str) -> None:
             shutil.copyfile(src, tmp)
         os.replace(tmp, path)
         if not os.path.lexists(tmp):
-            tmp = None
-    except OSError as exc:
-        raise os_error(path, exc) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            temp.name = None
 
 
 class _Signal(SystemExit):

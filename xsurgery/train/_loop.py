@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import random
@@ -38,16 +37,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._util.progress import Board
 from ..errors import UserError
-from ._distributed import Dist, ShardSampler
+from ._distributed import Dist
 from ._recipe import Recipe, ScheduleSpec, recipe_to_yaml
-from ._state import BEST, CHECKPOINT, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
+from ._results import best_epoch, checkpoint_writer, eval_loader, evaluate, write_result
+from ._state import BEST, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
-__all__ = ["build_model", "final_line", "lr_at", "train"]
+__all__ = ["build_model", "lr_at", "train"]
 
 # fields that may change between a run and its --resume
 RESUMABLE_CHANGES = ("epochs", "workers", "eval_batch_size", "output")
@@ -103,8 +102,6 @@ def _seed_all(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
-
-
 def _check_resume(recipe: Recipe, run: Run) -> None:
     import yaml
 
@@ -142,89 +139,205 @@ def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, 
                         f"set model.kwargs.num_classes={num_classes}")
 
 
-def _evaluate(model, loader, dist: Dist, autocast, board: Board, num_classes: int) -> tuple[float, float, float]:
-    model.eval()
-    k = min(5, num_classes)
-    total = correct1 = correct5 = loss_sum = 0.0
-    with torch.no_grad():
-        for x, y in board.track(loader, len(loader), "eval", leave=False):
-            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-            with autocast():
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y[:, None])
-            correct1 += hit[:, 0].sum().item()
-            correct5 += hit.any(dim=1).sum().item()
-            total += len(y)
-    total, correct1, correct5, loss_sum = dist.all_sum([total, correct1, correct5, loss_sum])
-    total = max(total, 1.0)
-    return correct1 / total, correct5 / total, loss_sum / total
+def _open(recipe: Recipe, resume: bool, force: bool) -> Run:
+    """Before any process group: the output folder may be written (and resumed) as asked."""
+    run = Run(recipe.output_dir)
+    if resume and force:
+        raise UserError("--resume and --force exclude each other")
+    # rank 0 holds the folder's lock; the other ranks would see it as another run's
+    run.check_folder(resume=resume, force=force, check_lock=int(os.environ.get("RANK", "0")) == 0)
+    if resume and not run.has_checkpoint():
+        raise UserError(f"nothing to resume: {run.folder} has no finished epoch ({STATE_JSON})")
+    if resume:
+        _check_resume(recipe, run)
+    return run
 
 
-def _eval_loader(dataset, recipe: Recipe, dist: Dist, per_rank: int):
-    from torch.utils.data import DataLoader
+class _Trainer:
+    """The phases of one :func:`train` call and the state they share: :meth:`set_up`,
+    :meth:`resume`, :meth:`prepare`, then :meth:`epoch` per epoch, then :meth:`finish`."""
 
-    return DataLoader(dataset, recipe.eval_batch_size or per_rank, sampler=ShardSampler(len(dataset), dist.rank, dist.world),
-                      num_workers=recipe.workers, pin_memory=dist.device.type == "cuda")
+    def __init__(self, recipe: Recipe, run: Run, dist: Dist, *, amp: bool, quiet: bool,
+                 loss_hook: LossHook | None) -> None:
+        self.recipe, self.run, self.dist, self.use_amp, self.loss_hook = recipe, run, dist, amp, loss_hook
+        self.show = dist.main and not quiet
+        self.bars = self.show and sys.stderr.isatty()
+        self.amp_dtype = torch.float16 if dist.device.type == "cuda" else torch.bfloat16
+        self.start_epoch, self.global_step, self.wall = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
 
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
-def _best(history: list[dict[str, Any]], score_name: str) -> dict[str, Any] | None:
-    """The epoch record with the best ``<score_name>_top1`` (the first of equals)."""
-    key = f"{score_name}_top1"
-    scored = [h for h in history if key in h]
-    return max(scored, key=lambda h: h[key]) if scored else None
+    def set_up(self, held: contextlib.ExitStack, force: bool) -> None:
+        """Lock (and with ``force`` clear) the folder; datasets, model, optimizer, scaler."""
+        from .data import build_splits
 
+        recipe, run, dist = self.recipe, self.run, self.dist
+        if dist.main:
+            held.enter_context(run.lock(force=force, log=lambda m: print(m, file=sys.stderr)))
+            if force:
+                run.clear()
+        if recipe.batch_size % dist.world:
+            raise UserError(f"batch_size {recipe.batch_size} is not divisible by the {dist.world} processes")
+        self.train_set, self.val_set, self.test_set, self.num_classes = build_splits(recipe.data, recipe.seed)
+        # the set each epoch is scored on (and best.xs chosen by): validation, else test
+        self.score_name, self.score_set = ("val", self.val_set) if self.val_set is not None else ("test", self.test_set)
+        self.model = model = build_model(recipe).to(dist.device)
+        _check_outputs(model, self.test_set if len(self.test_set) else self.train_set, self.num_classes, recipe,
+                       dist.device)
+        self.opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
+                                   nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
 
-def _checkpoint_writer(model: nn.Module, epoch: int, score_name: str, top1: float) -> Callable[[str], None]:
-    from ..checkpoint import save
-
-    def write(path: str) -> None:
-        save(model, path, force=True, extra={"epoch": epoch, f"{score_name}_top1": top1})
-
-    return write
-
-
-def _finish(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_name: str, test_set, dist: Dist,
-             autocast, board: Board, num_classes: int) -> dict[str, Any]:
-    """After the last epoch: the test set, read once, scores ``best.xs``; ``result.json``.
-
-    Without a validation split the epochs were scored on the test set already: the best of
-    them is the result (selected on test, as the paper's CIFAR protocol; said in the file).
-    """
-    best = _best(history, score_name)
-    if best is None:
-        raise UserError(f"{run.folder} has no scored epoch; start again with --force")
-    result: dict[str, Any] = {"epochs": len(history), "best_epoch": best["epoch"], "selected_on": score_name,
-                              "last_epoch_" + score_name + "_top1": history[-1][f"{score_name}_top1"]}
-    if score_name == "val":
+    def resume(self) -> bool:
+        """Load the last finished epoch; True when training is over already (then finished)."""
         from ..checkpoint import load
 
-        # every rank reads the file rank 0 wrote (the epoch loop ends on a barrier)
-        scorer = load(os.path.join(run.folder, BEST)).to(dist.device)
+        recipe, run = self.recipe, self.run
+        record, tensors = run.load()
+        self.model.load_state_dict(load(run.checkpoint).state_dict())
+        load_optim_state(self.opt, tensors, record["optimizer"])
+        if record.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(record["scaler"])
+        set_rng_state(tensors, record["rng"])
+        self.start_epoch, self.global_step, self.wall = record["epoch"], record["global_step"], record["wall_time_s"]
+        self.history = record["history"]
+        if self.start_epoch < recipe.epochs:
+            return False
+        if self.show:
+            print(f"{run.folder}: already trained {self.start_epoch}/{recipe.epochs} epochs", file=sys.stderr)
+        if not os.path.isfile(os.path.join(run.folder, RESULT)):
+            self.finish(Board(quiet=True))
+        return True
+
+    def prepare(self, resume: bool) -> None:
+        """The folder's recipe and outputs, the (DDP) network, the loaders, the opening line."""
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        recipe, run, dist = self.recipe, self.run, self.dist
+        if dist.main:
+            os.makedirs(run.folder, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a finished run given more epochs: no longer final
+                os.unlink(os.path.join(run.folder, RESULT))
+            write_text(run.recipe, recipe_to_yaml(recipe))
+            if not resume and os.path.exists(run.metrics):
+                os.unlink(run.metrics)
+        self.net: nn.Module = self.model
+        if dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
         per_rank = recipe.batch_size // dist.world
-        top1, top5, loss = _evaluate(scorer, _eval_loader(test_set, recipe, dist, per_rank), dist, autocast, board,
-                                     num_classes)
-        result.update(best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
-                      test_top1=top1, test_top5=top5, test_loss=loss, test_images=len(test_set))
-    else:
-        result.update(test_top1=best["test_top1"], test_top5=best["test_top5"], test_loss=best["test_loss"],
-                      test_images=len(test_set))
-    if dist.main:
-        write_text(os.path.join(run.folder, RESULT), json.dumps(result, indent=1) + "\n")
-    return result
+        self.sampler = DistributedSampler(self.train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                          seed=recipe.seed, drop_last=False)
+        pin = dist.device.type == "cuda"
+        self.train_loader = DataLoader(self.train_set, per_rank, sampler=self.sampler, num_workers=recipe.workers,
+                                       pin_memory=pin, drop_last=False)
+        self.score_loader = eval_loader(self.score_set, recipe, dist, per_rank)
+        self.steps = len(self.train_loader)
+        if self.steps == 0:
+            raise UserError("the training set is empty")
+        if self.show:
+            print(self._opening_line(), file=sys.stderr)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
+    def _opening_line(self) -> str:
+        recipe, dist, sg = self.recipe, self.dist, self.recipe.surgery
+        n_params = sum(p.numel() for p in self.model.parameters())
+        what = "dense" if sg is None else (
+            f"X ({f'compress {sg.compress:g}' if sg.compress else f'degree {sg.degree}'}, graph {sg.graph}"
+            f"{', plan' if sg.plan else ''})")
+        return (f"xsurgery train {recipe.name}: {recipe.model.source} {what}, {n_params:,} params, "
+                f"{len(self.train_set)} train / {f'{len(self.val_set)} validation / ' if self.val_set is not None else ''}"
+                f"{len(self.test_set)} test images, {dist.world} process(es) on "
+                f"{dist.device.type}, output {self.run.folder}")
 
-def final_line(result: dict[str, Any], folder: str) -> str:
-    """The run's last line for people: best validation and test accuracy, and where the models are."""
-    where = f"{os.path.join(folder, BEST)} (epoch {result['best_epoch']}) and {os.path.join(folder, CHECKPOINT)}"
-    if result.get("selected_on") == "val":
-        return (f"done: best val top-1 {100 * result['best_val_top1']:.2f}% at epoch {result['best_epoch']}/"
-                f"{result['epochs']}, test top-1 {100 * result['test_top1']:.2f}% (best.xs, {result['test_images']} "
-                f"images, read once); models {where}")
-    return (f"done: best test top-1 {100 * result['test_top1']:.2f}% at epoch {result['best_epoch']}/{result['epochs']} "
-            f"(no validation split: selected on the test set; set data.val_size to hold one out); models {where}")
+    def epoch(self, epoch: int, board: Board) -> None:
+        """Train one epoch, score it, and (rank 0) commit it; every rank then meets at a barrier."""
+        _seed_all(self.recipe.seed, epoch, self.dist.rank)
+        self.sampler.set_epoch(epoch)
+        self.net.train()
+        t0 = time.perf_counter()
+        seen, correct, loss_sum, lr = self._steps(epoch, board, t0)
+        self._commit(epoch, board, t0, seen, correct, loss_sum, lr)
+        self.dist.barrier()
+
+    def _steps(self, epoch: int, board: Board, t0: float) -> tuple[float, float, float, float]:
+        """The epoch's optimizer steps; returns this rank's images, correct ones, summed loss, last lr."""
+        recipe, dist, steps, opt, scaler = self.recipe, self.dist, self.steps, self.opt, self.scaler
+        seen = correct = loss_sum = 0.0
+        lr = recipe.optim.lr
+        step_bar = board.track(self.train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", leave=False)
+        for step, (x, y) in enumerate(step_bar):
+            lr = lr_at(recipe.optim.lr, recipe.schedule, recipe.epochs, epoch + (step + 1) / steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+            with self.autocast():
+                logits = self.net(x)
+                loss = self.criterion(logits.float(), y)
+            if step == 0 and epoch == self.start_epoch and logits.shape[-1] < self.num_classes:
+                raise UserError(f"the model has {logits.shape[-1]} outputs but {recipe.data.name} has "
+                                f"{self.num_classes} classes; set model.kwargs.num_classes={self.num_classes}")
+            if self.loss_hook is not None:
+                loss = self.loss_hook(epoch + 1, step, loss)
+            value = loss.item()
+            bad = dist.all_sum([0.0 if math.isfinite(value) else 1.0])[0] if dist.enabled else float(not math.isfinite(value))
+            if bad:
+                done = len(self.history)
+                kept = (f"the last good checkpoint is {self.run.checkpoint} (epoch {done})" if done
+                        else "no checkpoint was written yet")
+                raise UserError(f"loss became {value} at epoch {epoch + 1} step {step + 1}; training stopped and "
+                                f"{kept}; lower optim.lr (now {lr:g}) or add schedule.warmup_epochs")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            self.global_step += 1
+            n = len(y)
+            seen += n
+            loss_sum += value * n
+            correct += (logits.detach().argmax(1) == y).sum().item()
+            if self.bars:
+                elapsed = time.perf_counter() - t0
+                step_bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
+                                     img_s=f"{seen * dist.world / max(elapsed, 1e-9):.0f}", lr=f"{lr:.3g}")
+        return seen, correct, loss_sum, lr
+
+    def _commit(self, epoch: int, board: Board, t0: float, seen: float, correct: float, loss_sum: float,
+                lr: float) -> None:
+        """Score the epoch, add it to the history and (rank 0) save it, ``best.xs`` when it is the best."""
+        recipe, dist, score_name = self.recipe, self.dist, self.score_name
+        train_time = time.perf_counter() - t0
+        seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
+        # the bare model: shards may differ in batch count, and DDP's forward is a collective
+        top1, top5, score_loss = evaluate(self.model, self.score_loader, dist, self.autocast, board, self.num_classes)
+        epoch_time = time.perf_counter() - t0
+        self.wall += epoch_time
+        rec = {
+            "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            f"{score_name}_top1": top1, f"{score_name}_top5": top5, f"{score_name}_loss": score_loss, "lr": lr,
+            "images_per_s": seen / max(train_time, 1e-9), "epoch_time_s": epoch_time, "wall_time_s": self.wall,
+        }
+        best = best_epoch(self.history, score_name)
+        self.history.append(rec)
+        if not dist.main:
+            return
+        scalars = {"epoch": epoch + 1, "global_step": self.global_step, "wall_time_s": self.wall}
+        artifacts = {}
+        if best is None or top1 > best[f"{score_name}_top1"]:  # ties keep the earlier epoch
+            artifacts[BEST] = checkpoint_writer(self.model, epoch + 1, score_name, top1)
+        self.run.save(self.model, self.opt, self.scaler, scalars, self.history, artifacts=artifacts)
+        if self.show:
+            line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
+                    f"{score_name} {100 * top1:.2f}% (top-5 {100 * top5:.2f}%){'  *best' if artifacts else ''}  "
+                    f"lr {lr:.4g}  {rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
+            board.write(line)
+
+    def finish(self, board: Board) -> dict[str, Any]:
+        return write_result(self.recipe, self.run, self.history, self.score_name, self.test_set, self.dist, self.autocast,
+                       board, self.num_classes)
 
 
 def train(
@@ -254,175 +367,23 @@ def train(
         UserError: bad set-up, existing outputs, or a non-finite loss (the last good
             checkpoint is kept).
     """
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from .data import build_splits
-
-    run = Run(recipe.output_dir)
-    if resume and force:
-        raise UserError("--resume and --force exclude each other")
-    # rank 0 holds the folder's lock; the other ranks would see it as another run's
-    run.check_folder(resume=resume, force=force, check_lock=int(os.environ.get("RANK", "0")) == 0)
-    if resume and not run.has_checkpoint():
-        raise UserError(f"nothing to resume: {run.folder} has no finished epoch ({STATE_JSON})")
-    if resume:
-        _check_resume(recipe, run)
-
+    run = _open(recipe, resume, force)
     dist = Dist(device)
     held = contextlib.ExitStack()
     try:
-        if dist.main:
-            held.enter_context(run.lock(force=force, log=lambda m: print(m, file=sys.stderr)))
-            if force:
-                run.clear()
-        if recipe.batch_size % dist.world:
-            raise UserError(f"batch_size {recipe.batch_size} is not divisible by the {dist.world} processes")
-        show = dist.main and not quiet
-        bars = show and sys.stderr.isatty()
-        train_set, val_set, test_set, num_classes = build_splits(recipe.data, recipe.seed)
-        # the set each epoch is scored on (and best.xs chosen by): validation, else test
-        score_name, score_set = ("val", val_set) if val_set is not None else ("test", test_set)
-        model = build_model(recipe).to(dist.device)
-        _check_outputs(model, test_set if len(test_set) else train_set, num_classes, recipe, dist.device)
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
-                              nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
-        use_amp = amp
-        amp_dtype = torch.float16 if dist.device.type == "cuda" else torch.bfloat16
-        scaler = torch.amp.GradScaler(dist.device.type, enabled=use_amp and amp_dtype == torch.float16)
-
-        def autocast():
-            return torch.autocast(dist.device.type, dtype=amp_dtype, enabled=use_amp)
-
-        start_epoch, global_step, wall, history = 0, 0, 0.0, []
-        if resume:
-            from ..checkpoint import load
-
-            record, tensors = run.load()
-            model.load_state_dict(load(run.checkpoint).state_dict())
-            load_optim_state(opt, tensors, record["optimizer"])
-            if record.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(record["scaler"])
-            set_rng_state(tensors, record["rng"])
-            start_epoch, global_step, wall = record["epoch"], record["global_step"], record["wall_time_s"]
-            history = record["history"]
-            if start_epoch >= recipe.epochs:
-                if show:
-                    print(f"{run.folder}: already trained {start_epoch}/{recipe.epochs} epochs", file=sys.stderr)
-                if not os.path.isfile(os.path.join(run.folder, RESULT)):
-                    _finish(recipe, run, history, score_name, test_set, dist, autocast, Board(quiet=True), num_classes)
-                return history
-
-        if dist.main:
-            os.makedirs(run.folder, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):  # a finished run given more epochs: no longer final
-                os.unlink(os.path.join(run.folder, RESULT))
-            write_text(run.recipe, recipe_to_yaml(recipe))
-            if not resume and os.path.exists(run.metrics):
-                os.unlink(run.metrics)
-        net: nn.Module = model
-        if dist.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-
-        per_rank = recipe.batch_size // dist.world
-        sampler = DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                     seed=recipe.seed, drop_last=False)
-        pin = dist.device.type == "cuda"
-        train_loader = DataLoader(train_set, per_rank, sampler=sampler, num_workers=recipe.workers,
-                                  pin_memory=pin, drop_last=False)
-        score_loader = _eval_loader(score_set, recipe, dist, per_rank)
-        steps = len(train_loader)
-        if steps == 0:
-            raise UserError("the training set is empty")
-        if show:
-            n_params = sum(p.numel() for p in model.parameters())
-            sg = recipe.surgery
-            what = "dense" if sg is None else (
-                f"X ({f'compress {sg.compress:g}' if sg.compress else f'degree {sg.degree}'}, graph {sg.graph}"
-                f"{', plan' if sg.plan else ''})")
-            print(f"xsurgery train {recipe.name}: {recipe.model.source} {what}, {n_params:,} params, "
-                  f"{len(train_set)} train / {f'{len(val_set)} validation / ' if val_set is not None else ''}"
-                  f"{len(test_set)} test images, {dist.world} process(es) on "
-                  f"{dist.device.type}, output {run.folder}", file=sys.stderr)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-
-        board = held.enter_context(Board(quiet=not bars))
-        epoch_bar = board.track(range(start_epoch, recipe.epochs), recipe.epochs - start_epoch, "epochs")
-        for epoch in epoch_bar:
-            _seed_all(recipe.seed, epoch, dist.rank)
-            sampler.set_epoch(epoch)
-            net.train()
-            t0 = time.perf_counter()
-            seen = correct = loss_sum = 0.0
-            lr = recipe.optim.lr
-            step_bar = board.track(train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", leave=False)
-            for step, (x, y) in enumerate(step_bar):
-                lr = lr_at(recipe.optim.lr, recipe.schedule, recipe.epochs, epoch + (step + 1) / steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-                with autocast():
-                    logits = net(x)
-                    loss = criterion(logits.float(), y)
-                if step == 0 and epoch == start_epoch and logits.shape[-1] < num_classes:
-                    raise UserError(f"the model has {logits.shape[-1]} outputs but {recipe.data.name} has "
-                                    f"{num_classes} classes; set model.kwargs.num_classes={num_classes}")
-                if loss_hook is not None:
-                    loss = loss_hook(epoch + 1, step, loss)
-                value = loss.item()
-                bad = dist.all_sum([0.0 if math.isfinite(value) else 1.0])[0] if dist.enabled else float(not math.isfinite(value))
-                if bad:
-                    done = len(history)
-                    kept = (f"the last good checkpoint is {run.checkpoint} (epoch {done})" if done
-                            else "no checkpoint was written yet")
-                    raise UserError(f"loss became {value} at epoch {epoch + 1} step {step + 1}; training stopped and "
-                                    f"{kept}; lower optim.lr (now {lr:g}) or add schedule.warmup_epochs")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                global_step += 1
-                n = len(y)
-                seen += n
-                loss_sum += value * n
-                correct += (logits.detach().argmax(1) == y).sum().item()
-                if bars:
-                    elapsed = time.perf_counter() - t0
-                    step_bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
-                                         img_s=f"{seen * dist.world / max(elapsed, 1e-9):.0f}", lr=f"{lr:.3g}")
-            train_time = time.perf_counter() - t0
-            seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
-            # the bare model: shards may differ in batch count, and DDP's forward is a collective
-            top1, top5, score_loss = _evaluate(model, score_loader, dist, autocast, board, num_classes)
-            epoch_time = time.perf_counter() - t0
-            wall += epoch_time
-            rec = {
-                "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                f"{score_name}_top1": top1, f"{score_name}_top5": top5, f"{score_name}_loss": score_loss, "lr": lr,
-                "images_per_s": seen / max(train_time, 1e-9), "epoch_time_s": epoch_time, "wall_time_s": wall,
-            }
-            best = _best(history, score_name)
-            history.append(rec)
-            if dist.main:
-                scalars = {"epoch": epoch + 1, "global_step": global_step, "wall_time_s": wall}
-                artifacts = {}
-                if best is None or top1 > best[f"{score_name}_top1"]:  # ties keep the earlier epoch
-                    artifacts[BEST] = _checkpoint_writer(model, epoch + 1, score_name, top1)
-                run.save(model, opt, scaler, scalars, history, artifacts=artifacts)
-                if show:
-                    line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
-                            f"{score_name} {100 * top1:.2f}% (top-5 {100 * top5:.2f}%){'  *best' if artifacts else ''}  "
-                            f"lr {lr:.4g}  {rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
-                    board.write(line)
-            dist.barrier()
+        t = _Trainer(recipe, run, dist, amp=amp, quiet=quiet, loss_hook=loss_hook)
+        t.set_up(held, force)
+        if resume and t.resume():
+            return t.history
+        t.prepare(resume)
+        board = held.enter_context(Board(quiet=not t.bars))
+        for epoch in board.track(range(t.start_epoch, recipe.epochs), recipe.epochs - t.start_epoch, "epochs"):
+            t.epoch(epoch, board)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
-        if len(history) >= recipe.epochs:
-            _finish(recipe, run, history, score_name, test_set, dist, autocast, board, num_classes)
-        return history
+        if len(t.history) >= recipe.epochs:
+            t.finish(board)
+        return t.history
     finally:
         held.close()
         dist.close()
-
-
-# -------------------------------------------------------------------------------- CLI

@@ -1,0 +1,223 @@
+"""Training recipes as typed specs: a frozen dataclass tree that round-trips to a plain dict.
+
+:meth:`Recipe.from_dict` types and validates a plain mapping (from YAML) by the dataclass
+fields; :meth:`Recipe.to_dict` writes it back. The data spec, :class:`DataSpec`, lives with
+the datasets (:mod:`xsurgery.train.data`); files and overrides are :mod:`._recipe`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import UserError
+from .data import DataSpec
+
+__all__ = ["RECIPE_VERSION", "DataSpec", "ModelSpec", "OptimSpec", "Recipe", "ScheduleSpec"]
+
+RECIPE_VERSION = 1
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the model comes from (see :func:`xsurgery.models.sources.create_model`)."""
+
+    source: str = "digits_cnn"
+    kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """SGD with (Nesterov) momentum; weight decay on every parameter, as the paper's code."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.name != "sgd":
+            raise UserError(f"optim.name {self.name!r} is not supported; use sgd")
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise UserError("optim.lr must be > 0 and optim.momentum, optim.weight_decay >= 0")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("optim.nesterov needs optim.momentum > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate schedule, evaluated at every step.
+
+    Attributes:
+        name: ``step`` (multiply by ``gamma`` at each epoch in ``milestones``), ``cosine``
+            (from ``optim.lr`` to ``min_lr``) or ``constant``.
+        milestones: epochs (0-based: the epoch index from which the new rate holds).
+        gamma: step factor.
+        warmup_epochs: linear warm-up length (may be fractional); 0 = none.
+        min_lr: floor of the step schedule, end point of the cosine one.
+    """
+
+    name: str = "step"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise UserError(f"schedule.name {self.name!r} is not one of {', '.join(SCHEDULES)}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise UserError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
+        if self.warmup_epochs < 0 or self.min_lr < 0 or self.gamma <= 0:
+            raise UserError("schedule.warmup_epochs, schedule.min_lr must be >= 0 and schedule.gamma > 0")
+
+
+def _surgery_type():
+    from ..surgery import SurgerySpec
+
+    return SurgerySpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a training run needs; ``surgery: None`` is the dense baseline.
+
+    ``surgery`` holds a :class:`xsurgery.surgery.SurgerySpec` (the keyword arguments of
+    :func:`xsurgery.convert`). ``batch_size`` is global: it is split evenly across processes
+    under ``torchrun``. ``output`` defaults to ``runs/<name>``.
+    """
+
+    name: str = "run"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    surgery: Any = None
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    workers: int = 0
+    seed: int = 0
+    label_smoothing: float = 0.0
+    output: str = ""
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise UserError(f"recipe version {self.version} is not supported (this xsurgery reads {RECIPE_VERSION})")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
+            raise UserError("epochs and batch_size must be >= 1 and workers >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def output_dir(self) -> str:
+        return self.output or os.path.join("runs", self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) that :meth:`from_dict` reads back."""
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """Typed and validated; unknown keys raise a :class:`UserError` naming the valid ones."""
+        return _build(cls, d, "")
+
+
+def _to_plain(obj: Any) -> Any:
+    if hasattr(obj, "to_dict") and not isinstance(obj, Recipe):
+        return _to_plain(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    if cls is Recipe:
+        hints["surgery"] = _surgery_type() | None
+    return hints
+
+
+def _where(path: str) -> str:
+    return path.rstrip(".") or "recipe"
+
+
+def _build(cls: type, d: Any, path: str) -> Any:
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise UserError(f"{_where(path)} must be a mapping, got {d!r}")
+    if hasattr(cls, "from_dict") and cls is not Recipe:  # SurgerySpec validates itself
+        try:
+            return cls.from_dict(d)
+        except TypeError as exc:
+            raise UserError(f"{_where(path)}: {exc}") from exc
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(path + k for k in unknown)}; valid: {', '.join(path + n for n in names)}")
+    kwargs = {k: _coerce(v, hints[k], path + k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise UserError(f"{key} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list, tuple)) or value is None:
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
