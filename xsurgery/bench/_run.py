@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,17 +161,11 @@ def bench(
         number given, or the list when several were.
     """
     backends, variants, compresses = _check_arguments(backends, variants, compress, ort_layout, batch, threads)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
-    try:
+    with _torch_threads(threads) as threads:
         dense = _create(model, **(load_options or {})).eval()
-        from ..models import describe, per_sample_size, resolve
+        from ..models import describe, per_sample_size
 
-        x = resolve(dense, example_inputs, input_size, batch=batch)
-        if x is None:
-            raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+        x = _example(dense, example_inputs, input_size, batch)
         size = per_sample_size(x)
         models, made = _build_variants(dense, x, compresses, variants)
         macs = {key: count_macs(m, x) for key, m in models.items()}
@@ -178,8 +173,6 @@ def bench(
             runners, layouts = _export(models, x, backends, Path(tmp), ort_layout, threads)
             timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
             del runners
-    finally:
-        torch.set_num_threads(old_threads)
 
     many = not isinstance(compress, (int, float))
     return {
@@ -219,6 +212,27 @@ def _check_arguments(backends: Sequence[str], variants: Sequence[str], compress:
     if threads is not None and threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
     return backends, variants, compresses
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to ``threads`` (default: as they are) while inside; yields the count."""
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _example(dense: nn.Module, example_inputs: Any, input_size: Sequence[int] | None, batch: int) -> Any:
+    from ..models import resolve
+
+    x = resolve(dense, example_inputs, input_size, batch=batch)
+    if x is None:
+        raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+    return x
 
 
 def _build_variants(dense: nn.Module, x: Any, compresses: list[float], variants: Sequence[str]

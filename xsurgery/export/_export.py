@@ -120,11 +120,7 @@ def export_onnx(
         UserError: bad arguments, non-finite weights, an op without an ONNX form (named
             with its layer), or a verification above tolerance (no file is left behind).
     """
-    try:
-        import onnx
-    except ImportError as exc:
-        raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
-
+    onnx = _import_onnx()
     log = print if verbose else (lambda *a, **k: None)
     rt, opset = _check_arguments(runtime, layout, opset, static_batch, rtol, atol)
     path = os.fspath(path)
@@ -145,11 +141,7 @@ def export_onnx(
         if benchmark:
             _time(rt, sess, dense_sess, prep.feed, result, log)
         del sess, dense_sess
-        if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
-            raise UserError(f"{path} exists; pass --force to overwrite it")
-        with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path, force)
     except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
         raise os_error(path, exc) from exc
     finally:
@@ -157,6 +149,14 @@ def export_onnx(
             os.remove(tmp)
     log(f"wrote {path}")
     return result
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
+    return onnx
 
 
 def _check_arguments(runtime: str, layout: str, opset: int | None, static_batch: int | None, rtol: float,
@@ -385,3 +385,12 @@ def _time(rt: Runtime, sess: Any, dense_sess: Any, feed: dict[str, Any], result:
     result.latency_ms, result.dense_latency_ms = ms, dense_ms
     log(f"{rt.label} latency (batch {result.input_shape[0]}, median): exported {ms:.3f} ms, dense original "
         f"{dense_ms:.3f} ms, ratio {ms / dense_ms:.3f}")
+
+
+def _replace(tmp: str, path: str, force: bool) -> None:
+    """``tmp`` on disk, then renamed to ``path`` (refused when ``path`` appeared meanwhile without ``force``)."""
+    if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
