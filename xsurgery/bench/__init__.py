@@ -2,9 +2,13 @@
 
 ``bench(model, compress)`` builds every requested variant of one model (dense, grouped,
 X with mixing 1/2/4, X exact, masked-dense, and the library default), times each with torch
-eager inference, a torch training step (forward + backward) and ONNX Runtime, and reports
-median and spread per (variant, backend) with the ratio to dense and the MACs ratio, which
-is the limit a sparse layer could reach.
+eager inference, a torch training step (forward + backward) and ONNX Runtime (or any runtime
+of :mod:`xsurgery.export.runtimes`: ``openvino``, each file exported for the runtime it is
+timed in), and reports median and spread per (variant, backend) with the ratio to dense and
+the MACs ratio, which is the limit a sparse layer could reach.
+
+``bench`` runs in phases: build the variants -> export them (one runner per variant and
+backend) -> measure -> the rows.
 
 Timings are interleaved: each repetition runs every (variant, backend) once, so a load
 change on a shared machine moves all of them alike and the ratios stay comparable.
@@ -19,6 +23,7 @@ from ._measure import (
     measure,
     ort_runner,
     ov_runner,
+    runtime_runner,
     torch_runner,
     train_runner,
     versions,
@@ -44,6 +49,7 @@ __all__ = [
     "ov_runner",
     "plot",
     "print_table",
+    "runtime_runner",
     "torch_runner",
     "train_runner",
     "versions",

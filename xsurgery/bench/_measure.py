@@ -162,42 +162,27 @@ def train_runner(model: nn.Module, x: Any) -> Callable[[], Any]:
     return run
 
 
-def _ort_session(path: str | os.PathLike, threads: int | None):
-    """The session export's ``layout="auto"`` times with (spinning off): one way of timing."""
-    from ..export import ort_session
+def runtime_runner(runtime: str, path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
+    """Inference of an exported file in a registered runtime (:func:`xsurgery.export.get_runtime`),
+    with the sessions export's ``layout="auto"`` times with, on the fixed input ``x``."""
+    from ..export import get_runtime
+    from ..models import flat_tensors
 
-    return ort_session(path, threads)
+    rt = get_runtime(runtime)
+    sess = rt.session(path, threads)
+    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(rt.input_names(sess), tensors)}
+    return rt.runner(sess, feed)
 
 
 def ov_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
     """OpenVINO CPU inference of an exported file (latency hint, one stream, its default precision)."""
-    from ..export import ov_session as session
-    from ..models import flat_tensors
-
-    sess = session(path, threads)
-    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
-    names = [i.get_any_name() for i in sess.compiled.inputs]
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-
-    def run():
-        return sess.run(None, feed)
-
-    return run
+    return runtime_runner("openvino", path, x, threads)
 
 
 def ort_runner(path: str | os.PathLike, x: Any, threads: int | None = None) -> Callable[[], Any]:
     """ONNX Runtime CPU inference of an exported file on the fixed input ``x`` (a tensor or an example)."""
-    from ..models import flat_tensors
-
-    sess = _ort_session(path, threads)
-    tensors = flat_tensors(x) if isinstance(x, tuple) else [x]
-    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), tensors)}
-
-    def run():
-        return sess.run(None, feed)
-
-    return run
-
+    return runtime_runner("onnxruntime", path, x, threads)
 
 
 # ----------------------------------------------------------------------------- MACs

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..export import Runtime, get_runtime, list_runtimes
 from ._baselines import BASELINES, baseline
-from ._measure import (
-    _call,
-    count_macs,
-    machine_info,
-    measure,
-    ort_runner,
-    ov_runner,
-    torch_runner,
-    train_runner,
-    versions,
-)
+from ._measure import _call, count_macs, machine_info, measure, runtime_runner, torch_runner, train_runner, versions
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
@@ -32,8 +24,9 @@ VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "de
 # x-k1-every: k = 1 permuting at every layer (the rule before mix points)
 ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain", "x-k1-every") + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
-# opt-in: OpenVINO CPU (optional dependency), each variant exported with --runtime openvino
-ALL_BACKENDS = BACKENDS + ("openvino",)
+# opt-in: the other runtimes of xsurgery.export.runtimes (OpenVINO CPU, optional dependency),
+# each variant exported with runtime= that runtime, so auto tunes it there
+ALL_BACKENDS = BACKENDS + tuple(b for b in (get_runtime(n).backend for n in list_runtimes()) if b not in BACKENDS)
 
 # convert() options per variant; "default" is convert() with no options (and export with none).
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -83,7 +76,6 @@ def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, thre
     return layout or "auto"
 
 
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -93,6 +85,12 @@ def _create(model: str | nn.Module, **load_options: bool) -> nn.Module:
     from ..checkpoint import resolve_model
 
     return resolve_model(model, **load_options)
+
+
+def _runtimes(backends: Sequence[str]) -> dict[str, Runtime]:
+    """The runtime of each backend that times exported files (``ort``, ``openvino``), registry order."""
+    found = (get_runtime(n) for n in list_runtimes())
+    return {rt.backend: rt for rt in found if rt.backend in backends}
 
 
 def _convert(model: nn.Module, compress: float, options: dict[str, Any], example) -> nn.Module:
@@ -162,93 +160,21 @@ def bench(
         "min_ms", "max_ms", "ratio_to_dense", "macs_ratio", ...}]}``; ``compress`` is the
         number given, or the list when several were.
     """
-    backends = _check_choices(backends, ALL_BACKENDS, "backend")
-    if "openvino" in backends:
-        from ..export import check_installed
-
-        check_installed()
-    variants = _check_choices(variants, ALL_VARIANTS, "variant")
-    many = not isinstance(compress, (int, float))
-    compresses = [float(c) for c in (compress if many else [compress])]
-    if not compresses or any(c < 1 for c in compresses):
-        raise UserError(f"compression must be >= 1, got {', '.join(f'{c:g}' for c in compresses) or 'none'}")
-    if ort_layout not in ORT_LAYOUTS:
-        raise UserError(f"unknown ort_layout {ort_layout!r}; use one of {', '.join(ORT_LAYOUTS)}")
-    if batch < 1:
-        raise UserError(f"batch must be >= 1, got {batch}")
-    if threads is not None and threads < 1:
-        raise UserError(f"threads must be >= 1, got {threads}")
-    if "ort" in backends:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise UserError("the ort backend needs onnxruntime: pip install 'xsurgery[onnx]'") from exc
-
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
-    try:
+    backends, variants, compresses = _check_arguments(backends, variants, compress, ort_layout, batch, threads)
+    with _torch_threads(threads) as threads:
         dense = _create(model, **(load_options or {})).eval()
-        from ..models import describe, per_sample_size, resolve
+        from ..models import describe, per_sample_size
 
-        x = resolve(dense, example_inputs, input_size, batch=batch)
-        if x is None:
-            raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+        x = _example(dense, example_inputs, input_size, batch)
         size = per_sample_size(x)
-        models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
-        made: dict[str, dict[str, Any]] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
-            for c in compresses:
-                for v in variants:
-                    if v != "dense" and v not in BASELINES:
-                        models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
-                wanted = [v for v in variants if v in BASELINES]
-                if wanted:
-                    ref = models.get(("default", c)) or _convert(dense, c, VARIANT_OPTIONS["default"], x)
-                    target = count_macs(ref, x)
-                    for v in wanted:
-                        models[(v, c)], how = baseline(v, dense, target, _tensor_or(x), lambda m: count_macs(m, x),
-                                                       _call)
-                        made[f"{v}-{c:g}"] = how
-                        models[(v, c)].eval()
+        models, made = _build_variants(dense, x, compresses, variants)
         macs = {key: count_macs(m, x) for key, m in models.items()}
         with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
-            runners: dict[Hashable, Callable[[], Any]] = {}
-            layouts: dict[tuple[str, float], str] = {}
-            for (v, c), m in models.items():
-                if "torch" in backends:
-                    runners[(v, c, "torch")] = torch_runner(m, x)
-                if "torch-train" in backends:
-                    runners[(v, c, "torch-train")] = _train_runner_copy(m, x)
-                if "ort" in backends:
-                    path = Path(tmp) / f"{v}-{c:g}.onnx"
-                    layouts[(v, c)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads)
-                    runners[(v, c, "ort")] = ort_runner(path, x, threads)
-                if "openvino" in backends:
-                    path = Path(tmp) / f"{v}-{c:g}-ov.onnx"
-                    layouts[(v, c, "openvino")] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads,
-                                                                runtime="openvino")
-                    runners[(v, c, "openvino")] = ov_runner(path, x, threads)
+            runners, layouts = _export(models, x, backends, Path(tmp), ort_layout, threads)
             timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
             del runners
-    finally:
-        torch.set_num_threads(old_threads)
 
-    results = []
-    for (v, c, b), t in timings.items():
-        ref = timings[("dense", 1.0, b)]
-        results.append({
-            "variant": v, "compress": 1.0 if v == "dense" else c, "backend": b,
-            "median_ms": round(t.median_ms, 4), "spread_ms": round(t.spread_ms, 4),
-            "min_ms": round(t.min_ms, 4), "max_ms": round(t.max_ms, 4),
-            "ratio_to_dense": round(t.median_ms / ref.median_ms, 4),
-            "macs_ratio": round(macs[(v, c)] / macs[("dense", 1.0)], 4),
-            "samples": t.samples, "calls_per_sample": t.calls_per_sample,
-            **({"layout": "none" if v == "dense" else layouts[(v, c)]} if b == "ort" else {}),
-            **({"layout": "none" if v == "dense" else layouts[(v, c, b)]} if b == "openvino" else {}),
-        })
+    many = not isinstance(compress, (int, float))
     return {
         "model": model if isinstance(model, str) else type(model).__name__,
         "compress": compresses if many else compresses[0],
@@ -263,8 +189,108 @@ def bench(
         "machine": machine_info(),
         "macs": {"dense": macs[("dense", 1.0)]},
         **({"baselines": made} if made else {}),
-        "results": results,
+        "results": _results(timings, macs, layouts),
     }
+
+
+def _check_arguments(backends: Sequence[str], variants: Sequence[str], compress: float | Sequence[float],
+                     ort_layout: str, batch: int, threads: int | None
+                     ) -> tuple[tuple[str, ...], tuple[str, ...], list[float]]:
+    """(backends, variants, compressions), checked; the runtimes the backends time in, installed."""
+    backends = _check_choices(backends, ALL_BACKENDS, "backend")
+    for backend, rt in _runtimes(backends).items():
+        rt.check_installed(f"the {backend} backend")
+    variants = _check_choices(variants, ALL_VARIANTS, "variant")
+    many = not isinstance(compress, (int, float))
+    compresses = [float(c) for c in (compress if many else [compress])]
+    if not compresses or any(c < 1 for c in compresses):
+        raise UserError(f"compression must be >= 1, got {', '.join(f'{c:g}' for c in compresses) or 'none'}")
+    if ort_layout not in ORT_LAYOUTS:
+        raise UserError(f"unknown ort_layout {ort_layout!r}; use one of {', '.join(ORT_LAYOUTS)}")
+    if batch < 1:
+        raise UserError(f"batch must be >= 1, got {batch}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be >= 1, got {threads}")
+    return backends, variants, compresses
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to ``threads`` (default: as they are) while inside; yields the count."""
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _example(dense: nn.Module, example_inputs: Any, input_size: Sequence[int] | None, batch: int) -> Any:
+    from ..models import resolve
+
+    x = resolve(dense, example_inputs, input_size, batch=batch)
+    if x is None:
+        raise UserError("bench needs an example input for this model: pass --input SHAPE[:DTYPE] or --input-size")
+    return x
+
+
+def _build_variants(dense: nn.Module, x: Any, compresses: list[float], variants: Sequence[str]
+                    ) -> tuple[dict[tuple[str, float], nn.Module], dict[str, dict[str, Any]]]:
+    """Every (variant, compression)'s model (dense once, at 1.0), and how each baseline was made."""
+    models: dict[tuple[str, float], nn.Module] = {("dense", 1.0): dense}
+    made: dict[str, dict[str, Any]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # block counts rounded to divisors: expected here
+        for c in compresses:
+            for v in variants:
+                if v != "dense" and v not in BASELINES:
+                    models[(v, c)] = _convert(dense, c, VARIANT_OPTIONS[v], x).eval()
+            wanted = [v for v in variants if v in BASELINES]
+            if wanted:
+                ref = models.get(("default", c)) or _convert(dense, c, VARIANT_OPTIONS["default"], x)
+                target = count_macs(ref, x)
+                for v in wanted:
+                    models[(v, c)], how = baseline(v, dense, target, _tensor_or(x), lambda m: count_macs(m, x), _call)
+                    made[f"{v}-{c:g}"] = how
+                    models[(v, c)].eval()
+    return models, made
+
+
+def _export(models: dict[tuple[str, float], nn.Module], x: Any, backends: Sequence[str], tmp: Path,
+            ort_layout: str, threads: int | None) -> tuple[dict[Hashable, Callable[[], Any]], dict[tuple, str]]:
+    """A runner per (variant, compression, backend); the runtime backends' files exported to ``tmp``
+    first (tuned for that runtime), with the layout each got."""
+    runtimes = _runtimes(backends)
+    runners: dict[Hashable, Callable[[], Any]] = {}
+    layouts: dict[tuple, str] = {}
+    for (v, c), m in models.items():
+        if "torch" in backends:
+            runners[(v, c, "torch")] = torch_runner(m, x)
+        if "torch-train" in backends:
+            runners[(v, c, "torch-train")] = _train_runner_copy(m, x)
+        for b, rt in runtimes.items():
+            path = tmp / f"{v}-{c:g}-{b}.onnx"
+            layouts[(v, c, b)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads, runtime=rt.name)
+            runners[(v, c, b)] = runtime_runner(rt.name, path, x, threads)
+    return runners, layouts
+
+
+def _results(timings: dict, macs: dict[tuple[str, float], int], layouts: dict[tuple, str]) -> list[dict[str, Any]]:
+    """One row per (variant, compression, backend): median, spread, ratios to dense (the layout for files)."""
+    results = []
+    for (v, c, b), t in timings.items():
+        ref = timings[("dense", 1.0, b)]
+        results.append({
+            "variant": v, "compress": 1.0 if v == "dense" else c, "backend": b,
+            "median_ms": round(t.median_ms, 4), "spread_ms": round(t.spread_ms, 4),
+            "min_ms": round(t.min_ms, 4), "max_ms": round(t.max_ms, 4),
+            "ratio_to_dense": round(t.median_ms / ref.median_ms, 4),
+            "macs_ratio": round(macs[(v, c)] / macs[("dense", 1.0)], 4),
+            "samples": t.samples, "calls_per_sample": t.calls_per_sample,
+            **({"layout": "none" if v == "dense" else layouts[(v, c, b)]} if (v, c, b) in layouts else {}),
+        })
+    return results
 
 
 def _tensor_or(x: Any) -> Any:

@@ -10,8 +10,12 @@ Per X-layer the file holds one of two forms:
   group=G)`` instead: the same math with C_in gathered channels instead of 2 * C_in.
 * ``dense``: a plain ``Conv`` / ``Gemm`` with the zero-filled dense weight (widest support).
 
+Which gather form an X-layer class gets is one entry of a registry keyed by the class
+(``_forms.register_form``).
+
 ``layout="auto"`` times both forms of every X-layer alone in the runtime (ONNX Runtime, or
-OpenVINO with ``runtime="openvino"``) at the layer's real input shape and the export batch
+OpenVINO with ``runtime="openvino"``; both are entries of :mod:`xsurgery.export.runtimes`,
+the registry ``xsurgery bench`` times in too) at the layer's real input shape and the export batch
 (the fastest of at least 10 interleaved runs) for a per-layer mix (gather where at least 5 %
 faster); then it times the whole model as all-dense, all-gather and that mix, with the
 session options ``xsurgery bench`` uses (thread spinning off, the given threads), in
@@ -29,9 +33,7 @@ from __future__ import annotations
 
 from ._export import DEFAULT_OPSET, LAYOUTS, MAX_OPSET, ExportResult, export_onnx
 from ._meta import read_metadata
-from ._ort import session as ort_session
-from ._ov import RUNTIMES, check_installed
-from ._ov import session as ov_session
+from .runtimes import RUNTIMES, Runtime, get_runtime, list_runtimes, register_runtime, unregister_runtime
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "check_installed", "export_onnx",
-           "ort_session", "ov_session", "read_metadata"]
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "Runtime", "export_onnx",
+           "get_runtime", "list_runtimes", "read_metadata", "register_runtime", "unregister_runtime"]

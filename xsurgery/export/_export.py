@@ -1,4 +1,9 @@
-"""The export driver: :func:`export_onnx` (layouts, export, metadata, verification, timing)."""
+"""The export driver: :func:`export_onnx`, in phases.
+
+Check the arguments -> prepare (run the model, record each X-layer's input shapes, the
+verification input) -> choose layouts (``auto``: per layer, then the whole model) -> trace
+(the file with its metadata, checked) -> verify -> time (``benchmark=True``) -> replace.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import copy
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +20,12 @@ from torch import nn
 
 from .._util.io import TMP_PREFIX, check_output, os_error, remove_stale_temps
 from ..errors import UserError
-from ..layers import XLinear
-from . import _ort, _ov
-from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers
+from . import _ort
+from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, takes_inner_shape
 from ._meta import _metadata
-from ._ov import RUNTIMES
 from ._trace import _dynamic_axes, _flat_outputs, _FlatInputs, _plain, _torch_export
 from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
+from .runtimes import Runtime, get_runtime
 
 LAYOUTS = ("auto", "gather", "dense")
 DEFAULT_OPSET = 18  # read by every ORT of the last years; Gather/Conv/MatMul gain nothing from newer ones
@@ -59,7 +64,6 @@ class ExportResult:
         if self.latency_ms is None or not self.dense_latency_ms:
             return None
         return self.latency_ms / self.dense_latency_ms
-
 
 
 def export_onnx(
@@ -116,18 +120,50 @@ def export_onnx(
         UserError: bad arguments, non-finite weights, an op without an ONNX form (named
             with its layer), or a verification above tolerance (no file is left behind).
     """
+    onnx = _import_onnx()
+    log = print if verbose else (lambda *a, **k: None)
+    rt, opset = _check_arguments(runtime, layout, opset, static_batch, rtol, atol)
+    path = os.fspath(path)
+    check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
+
+    prep = _prepare(model, example_inputs, input_size, static_batch, opset, verify, allow_nonfinite)
+    result = ExportResult(path=path, layout=layout, input_shape=prep.shape, input_names=prep.in_names,
+                          dynamic_batch=prep.dynamic, opset=opset, runtime=runtime)
+    dense_sess = _choose_layouts(prep, layout, rt, threads, result, log)
+    tmp = _temp_file(path)
+    try:
+        _trace(onnx, prep, model, result, tmp, log)
+        if benchmark and dense_sess is None:
+            dense_sess = rt.session(prep.to_bytes(dict.fromkeys(result.layers, "dense")), threads)
+        sess = rt.session(tmp, threads)
+        if verify:
+            _verify(prep, rt, sess, tmp, threads, rtol, atol, result, log)
+        if benchmark:
+            _time(rt, sess, dense_sess, prep.feed, result, log)
+        del sess, dense_sess
+        _replace(tmp, path, force)
+    except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
+        raise os_error(path, exc) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log(f"wrote {path}")
+    return result
+
+
+def _import_onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
         raise UserError("export needs onnx and onnxruntime: pip install 'xsurgery[onnx]'") from exc
+    return onnx
 
-    log = print if verbose else (lambda *a, **k: None)
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    if runtime == "openvino":
-        _ov.check_installed()
-    make = _ort._session if runtime == "onnxruntime" else _ov.session
-    rt_name = "ONNX Runtime" if runtime == "onnxruntime" else "OpenVINO"
+
+def _check_arguments(runtime: str, layout: str, opset: int | None, static_batch: int | None, rtol: float,
+                     atol: float) -> tuple[Runtime, int]:
+    """The runtime (installed) and the opset, after the arguments that need no model are checked."""
+    rt = get_runtime(runtime)
+    rt.check_installed()
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -137,11 +173,59 @@ def export_onnx(
         raise UserError(f"--static-batch must be a positive integer, got {static_batch}")
     if not rtol >= 0 or not atol >= 0:
         raise UserError(f"--rtol/--atol must be >= 0, got {rtol}/{atol}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
+    return rt, opset
 
-    from ..models import describe, flat_tensors, input_names, resample, resolve
+
+@dataclass
+class _Prepared:
+    """The model in eval mode on the CPU, its example and what running it recorded: the trace's input."""
+
+    base: nn.Module
+    layers: list[tuple[str, nn.Module]]  # the X-layers (name, module)
+    example: tuple  # (args, kwargs)
+    example_v: tuple  # the verification input: twice the batch, half the sequence of a dynamic export
+    flat: list[torch.Tensor]  # the example's tensors: the ONNX inputs
+    in_names: list[str]
+    in_axes: dict[str, dict[int, str]]
+    dynamic: bool
+    opset: int
+    out: Any  # the model's output on the example
+    ref: Any  # ... on the verification input (None when neither verified nor needed)
+    shapes: dict[str, list[tuple]]  # the input shapes each X-layer saw
+    inner: dict[str, tuple | None]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.flat[0].shape)
+
+    @property
+    def feed(self) -> dict[str, Any]:
+        return _feed(self.in_names, self.flat)
+
+    @property
+    def n_out(self) -> int:
+        return len(_flat_outputs(self.out))
+
+    def export_to(self, choice: dict[str, str], f: Any, model: nn.Module | None = None) -> None:
+        """Export ``model`` (default the prepared one) with the layouts ``choice`` to ``f``."""
+        model = self.base if model is None else model
+        plain = _plain(self.example)
+        prefix = "" if plain else "model."
+        exported = model if plain else _FlatInputs(model, self.example)
+        module = _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
+                               {prefix + k: v for k, v in self.inner.items()})
+        _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names, self.in_axes)
+
+    def to_bytes(self, choice: dict[str, str], model: nn.Module | None = None) -> bytes:
+        buf = io.BytesIO()
+        self.export_to(choice, buf, model)
+        return buf.getvalue()
+
+
+def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batch: int | None, opset: int,
+             verify: bool, allow_nonfinite: bool) -> _Prepared:
+    """Copy the model, resolve its example, run it recording each X-layer's input shapes."""
+    from ..models import flat_tensors, input_names, resample, resolve
 
     base = copy.deepcopy(model).cpu().eval()
     if not allow_nonfinite:
@@ -158,11 +242,9 @@ def export_onnx(
     flat = flat_tensors(example)
     in_names = input_names(base, example)
     in_axes = _dynamic_axes(example, in_names, flat)
-    shape = tuple(flat[0].shape)
     names = [n for n, _ in layers]
     out, shapes = _run_recording(base, example, names)
-    n_out = len(_flat_outputs(out))
-    if n_out == 0:
+    if not _flat_outputs(out):
         raise UserError("the model returns no tensors; nothing to export")
     # the verification input: twice the batch and half the sequence of a dynamic export, to
     # exercise its dynamic axes
@@ -177,31 +259,47 @@ def export_onnx(
 
     example_v = resample(example, seed=1, shape_fn=verify_shape)
     ref, shapes_v = None, None
-    if verify or (dynamic and any(isinstance(m, XLinear) for _, m in layers)):
+    if verify or (dynamic and takes_inner_shape(layers)):
         ref, shapes_v = _run_recording(base, example_v, names)
     inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
-    x = tuple(flat)
-    exported = base if _plain(example) else _FlatInputs(base, example)
-    prefix = "" if _plain(example) else "model."
+    return _Prepared(base, layers, example, example_v, flat, in_names, in_axes, dynamic, opset, out, ref, shapes, inner)
 
-    def with_layouts(choice: dict[str, str]) -> nn.Module:
-        return _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
-                             {prefix + k: v for k, v in inner.items()})
 
-    def export_to(module: nn.Module, f: Any) -> None:
-        _torch_export(module, x, f, opset, dynamic, n_out, in_names, in_axes)
+def _choose_layouts(prep: _Prepared, layout: str, rt: Runtime, threads: int | None, result: ExportResult,
+                    log: Callable[..., Any]) -> Any:
+    """Set ``result.layers`` (and auto's timings); ``auto`` returns its all-dense session, else None.
 
-    timings: dict[str, dict[str, float]] = {}
-    if layout == "auto" and layers:
-        log(f"timing gather vs dense per X-layer in {rt_name} (batch {shape[0]}):")
-        choices, timings = _ort._choose_layouts(layers, shapes, inner, opset, threads, log, make)
-    else:
-        choices = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
+    ``auto`` times gather vs dense per X-layer, then the whole model as all-dense, all-gather
+    and the per-layer mix: layers timed alone miss cache effects and the runtime's layout
+    changes between them. The whole model is timed as ``xsurgery bench`` times (same session
+    options, threads and batch).
+    """
+    layers = prep.layers
+    if not (layout == "auto" and layers):
+        result.layers = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
+        return None
+    log(f"timing gather vs dense per X-layer in {rt.label} (batch {prep.shape[0]}):")
+    choices, result.layer_timings_ms = _ort._per_layer_choices(layers, prep.shapes, prep.inner, prep.opset,
+                                                               threads, log, rt.session)
+    all_dense, all_gather = dict.fromkeys(choices, "dense"), dict.fromkeys(choices, "gather")
+    candidates = {"all-dense": all_dense, "all-gather": all_gather}
+    if choices not in (all_dense, all_gather):
+        candidates["per-layer choices"] = choices
+    sessions = [rt.session(prep.to_bytes(choice), threads) for choice in candidates.values()]
+    cmp = _ort.compare_sessions(list(candidates), sessions, prep.feed, dense=0)
+    pick = cmp.names[cmp.pick]
+    log(f"whole model ({cmp.rounds} rounds): " + ", ".join(
+        f"{k} {t:.3f} ms" + (f" (beats all-dense in {100 * w:.0f}% of rounds)" if k != "all-dense" else "")
+        for k, t, w in zip(cmp.names, cmp.median_ms, cmp.wins_vs_dense)) + f"; keeping {pick}: {cmp.reason}")
+    result.model_timings_ms = {k: round(t, 4) for k, t in zip(cmp.names, cmp.median_ms)}
+    result.auto_pick = pick
+    result.layers = candidates[pick]
+    return sessions[0]
 
-    result = ExportResult(path=path, layout=layout, layers=choices, layer_timings_ms=timings,
-                          input_shape=shape, input_names=in_names, dynamic_batch=dynamic, opset=opset,
-                          runtime=runtime)
-    # our temp-file naming (writer's pid), so a SIGKILLed export's orphan is removed later
+
+def _temp_file(path: str) -> str:
+    """An empty temp file beside ``path``, named after our pid (a SIGKILLed export's orphan is removed later)."""
+    folder = os.path.dirname(os.path.abspath(path))
     suffix = "-" + os.path.basename(path)[:64]
     remove_stale_temps(folder, suffix)
     try:
@@ -209,108 +307,90 @@ def export_onnx(
     except OSError as exc:
         raise os_error(path, exc) from exc
     os.close(fd)
+    return tmp
+
+
+def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, tmp: str,
+           log: Callable[..., Any]) -> None:
+    """Write the file with the chosen layouts and its ``xsurgery.*`` metadata to ``tmp``; check it."""
+    from ..models import describe
+
+    choices = result.layers
+    prep.export_to(choices, tmp)
+    proto = onnx.load(tmp)
+    inputs = describe(prep.base, prep.example) if not _plain(prep.example) else None
+    for k, v in _metadata(model, prep.layers, choices, result.layout, prep.shape, prep.dynamic, prep.opset, inputs,
+                          result.runtime).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, tmp)
+    del proto
+    onnx.checker.check_model(tmp, full_check=True)
+    if prep.layers:
+        n_g = sum(v == "gather" for v in choices.values())
+        log(f"layout {result.layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
+
+
+def _verify(prep: _Prepared, rt: Runtime, sess: Any, tmp: str, threads: int | None, rtol: float, atol: float,
+            result: ExportResult, log: Callable[..., Any]) -> None:
+    """Run the file on the verification input and compare with torch (raise above tolerance)."""
+    from ..models import flat_tensors
+
+    flat_v = flat_tensors(prep.example_v)
+    feed_v = _feed(prep.in_names, flat_v)
+    flat_ref = _flat_outputs(prep.ref)
+    vsess = rt.verify_session(tmp, threads, made=sess)
     try:
-        if not (layout == "auto" and layers):  # auto writes its pick below
-            export_to(with_layouts(choices), tmp)
-        feed = _feed(in_names, flat)
-        dense_sess = None
-        if benchmark or (layout == "auto" and layers):
-            dense_bytes = io.BytesIO()
-            export_to(with_layouts(dict.fromkeys(choices, "dense")), dense_bytes)
-            dense_sess = make(dense_bytes.getvalue(), threads)
-        if layout == "auto" and layers:
-            # layers timed alone miss cache effects and the runtime's layout changes between
-            # them: the whole model decides between all-dense, all-gather and the per-layer mix,
-            # timed as `xsurgery bench` times (same session options, threads and batch)
-            all_dense, all_gather = dict.fromkeys(choices, "dense"), dict.fromkeys(choices, "gather")
-            candidates = {"all-dense": all_dense, "all-gather": all_gather}
-            if choices not in (all_dense, all_gather):
-                candidates["per-layer choices"] = choices
-            sessions = [dense_sess]
-            for choice in list(candidates.values())[1:]:
-                buf = io.BytesIO()
-                export_to(with_layouts(choice), buf)
-                sessions.append(make(buf.getvalue(), threads))
-            cmp = _ort.compare_sessions(list(candidates), sessions, feed, dense=0)
-            del sessions
-            pick = cmp.names[cmp.pick]
-            log(f"whole model ({cmp.rounds} rounds): " + ", ".join(
-                f"{k} {t:.3f} ms" + (f" (beats all-dense in {100 * w:.0f}% of rounds)" if k != "all-dense" else "")
-                for k, t, w in zip(cmp.names, cmp.median_ms, cmp.wins_vs_dense)) + f"; keeping {pick}: {cmp.reason}")
-            result.model_timings_ms = {k: round(t, 4) for k, t in zip(cmp.names, cmp.median_ms)}
-            result.auto_pick = pick
-            choices = candidates[pick]
-            result.layers = choices
-            export_to(with_layouts(choices), tmp)
+        got = rt.run(vsess, feed_v)
+    except Exception as exc:  # onnxruntime's own error types
+        text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot run the exported model on inputs of shapes "
+                        f"{[list(t.shape) for t in flat_v]} (batch/sequence changed to check the dynamic "
+                        f"axes): {text}; try --static-batch") from exc
+    if _constant(flat_ref, _flat_outputs(prep.out)) and all(torch.isfinite(r).all() for r in flat_ref):
+        flat_ref, got = _verify_perturbed(prep, rt, threads, feed_v, result, log)
+    abs_err, scale, rel = _errors(flat_ref, got)
+    result.max_abs_err, result.max_rel_err = abs_err, rel
+    log(f"verification (input {list(flat_v[0].shape)}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
+        f"(relative to max|output| = {scale:.3g})")
+    if not abs_err <= atol + rtol * scale:
+        raise UserError(f"{rt.label} output differs from torch: max abs err {abs_err:.3g} > "
+                        f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
 
-        proto = onnx.load(tmp)
-        inputs = describe(base, example) if not _plain(example) else None
-        for k, v in _metadata(model, layers, choices, layout, shape, dynamic, opset, inputs, runtime).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        onnx.save(proto, tmp)
-        del proto
-        onnx.checker.check_model(tmp, full_check=True)
-        if layers:
-            n_g = sum(v == "gather" for v in choices.values())
-            log(f"layout {layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
 
-        sess = make(tmp, threads)
-        # OpenVINO: verify in f32 (a bf16 CPU's default precision is not what rtol measures)
-        vsess = sess if runtime == "onnxruntime" else _ov.session(tmp, threads, exact=True)
-        if verify:
-            from ..models import call
+def _verify_perturbed(prep: _Prepared, rt: Runtime, threads: int | None, feed_v: dict[str, Any],
+                      result: ExportResult, log: Callable[..., Any]) -> tuple[list[torch.Tensor], list[Any]]:
+    """Outputs that are the same for every input verify nothing: (torch's, the runtime's) outputs
+    of a copy whose all-zero parameters are filled randomly, exported with the same layouts."""
+    from ..models import call
 
-            flat_v = flat_tensors(example_v)
-            vb = list(flat_v[0].shape)
-            flat_ref = _flat_outputs(ref)
-            try:
-                got = vsess.run(None, _feed(in_names, flat_v))
-            except Exception as exc:  # onnxruntime's own error types
-                text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"ONNX Runtime cannot run the exported model on inputs of shapes "
-                                f"{[list(t.shape) for t in flat_v]} (batch/sequence changed to check the dynamic "
-                                f"axes): {text}; try --static-batch") from exc
-            if _constant(flat_ref, _flat_outputs(out)) and all(torch.isfinite(r).all() for r in flat_ref):
-                vmodel, filled = _perturbed(base)
-                with torch.no_grad():
-                    flat_ref = _flat_outputs(call(vmodel, example_v))
-                    still = _constant(flat_ref, _flat_outputs(call(vmodel, example)))
-                if not filled or still:
-                    raise UserError("the model's outputs are the same for every input, so verification compares "
-                                    "nothing; check the weights (or pass --no-verify to export unverified)")
-                log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
-                    f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
-                vexported = vmodel if _plain(example) else _FlatInputs(vmodel, example)
-                vbytes = io.BytesIO()
-                _torch_export(_with_layouts(vexported, {prefix + k: v for k, v in choices.items()},
-                                            {prefix + k: v for k, v in inner.items()}),
-                              x, vbytes, opset, dynamic, n_out, in_names, in_axes)
-                got = (make(vbytes.getvalue(), threads) if runtime == "onnxruntime" else
-                       _ov.session(vbytes.getvalue(), threads, exact=True)).run(None, _feed(in_names, flat_v))
-                result.verified_on = "perturbed copy: " + ", ".join(filled)
-            abs_err, scale, rel = _errors(flat_ref, got)
-            result.max_abs_err, result.max_rel_err = abs_err, rel
-            log(f"verification (input {vb}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
-                f"(relative to max|output| = {scale:.3g})")
-            if not abs_err <= atol + rtol * scale:
-                raise UserError(f"{rt_name} output differs from torch: max abs err {abs_err:.3g} > "
-                                f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
-        if benchmark:
-            ms, dense_ms = _ort._time_sessions([sess, dense_sess], feed, budget_s=_ort.BENCHMARK_S, min_reps=10, warmup=5)
-            result.latency_ms, result.dense_latency_ms = ms, dense_ms
-            log(f"{rt_name} latency (batch {shape[0]}, median): exported {ms:.3f} ms, dense original {dense_ms:.3f} ms, "
-                f"ratio {ms / dense_ms:.3f}")
-        del sess, vsess, dense_sess
-        if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
-            raise UserError(f"{path} exists; pass --force to overwrite it")
-        with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
-        raise os_error(path, exc) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log(f"wrote {path}")
-    return result
+    vmodel, filled = _perturbed(prep.base)
+    with torch.no_grad():
+        flat_ref = _flat_outputs(call(vmodel, prep.example_v))
+        still = _constant(flat_ref, _flat_outputs(call(vmodel, prep.example)))
+    if not filled or still:
+        raise UserError("the model's outputs are the same for every input, so verification compares "
+                        "nothing; check the weights (or pass --no-verify to export unverified)")
+    log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
+        f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
+    got = rt.run(rt.verify_session(prep.to_bytes(result.layers, vmodel), threads), feed_v)
+    result.verified_on = "perturbed copy: " + ", ".join(filled)
+    return flat_ref, got
+
+
+def _time(rt: Runtime, sess: Any, dense_sess: Any, feed: dict[str, Any], result: ExportResult,
+          log: Callable[..., Any]) -> None:
+    """``benchmark=True``: the file's and the dense original's median latency, interleaved."""
+    ms, dense_ms = _ort._time_sessions([sess, dense_sess], feed, budget_s=_ort.BENCHMARK_S, min_reps=10, warmup=5)
+    result.latency_ms, result.dense_latency_ms = ms, dense_ms
+    log(f"{rt.label} latency (batch {result.input_shape[0]}, median): exported {ms:.3f} ms, dense original "
+        f"{dense_ms:.3f} ms, ratio {ms / dense_ms:.3f}")
+
+
+def _replace(tmp: str, path: str, force: bool) -> None:
+    """``tmp`` on disk, then renamed to ``path`` (refused when ``path`` appeared meanwhile without ``force``)."""
+    if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

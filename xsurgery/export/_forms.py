@@ -1,5 +1,9 @@
 """The export forms of an X-layer (gather / dense) and a model copy with chosen forms.
 
+Every X-layer class has one entry in a registry (:func:`register_form`): the builder of its
+gather form and whether that form takes the layer's fixed inner input shape. The dense form
+is the layer's own ``to_dense()``. A new X-layer kind is one ``register_form`` entry here.
+
 The gather form of a conv whose index is a natural and one permuted copy (``graph="paired"``,
 or any index of that shape) is written as ``Conv(x) + Conv(Gather(x, perm))``: the same
 math as ``Gather(x, index) -> Conv(group=G)`` with half the gathered channels.
@@ -8,6 +12,8 @@ math as ``Gather(x, index) -> Conv(group=G)`` with half the gathered channels.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +21,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..layers import X_LAYERS, XLinear, conv_nd
+from ..layers import X_LAYERS, XConv1d, XConv2d, XConv3d, XLinear, conv_nd
+
+# the gather form of a layer: builder(layer, inner_shape) -> the module to export
+GatherBuilder = Callable[..., nn.Module]
 
 
+@dataclass(frozen=True)
+class Form:
+    """How one X-layer class is exported: its gather-form builder; ``inner_shape``: the builder
+    takes the fixed dims of the layer's input between batch and features (see :func:`_inner_shapes`)."""
+
+    gather: GatherBuilder
+    inner_shape: bool = False
+
+
+_FORMS: dict[type, Form] = {}
+
+
+def register_form(*classes: type, inner_shape: bool = False) -> Callable[[GatherBuilder], GatherBuilder]:
+    """Decorator: ``builder`` makes the gather form of ``classes`` (a class registered twice raises)."""
+    def add(builder: GatherBuilder) -> GatherBuilder:
+        for cls in classes:
+            if cls in _FORMS:
+                raise ValueError(f"{cls.__name__} already has an export form")
+        for cls in classes:
+            _FORMS[cls] = Form(builder, inner_shape)
+        return builder
+
+    return add
+
+
+def form_for(cls: type) -> Form:
+    """The registered form of an X-layer class (or of its nearest registered base class)."""
+    for base in cls.__mro__:
+        if base in _FORMS:
+            return _FORMS[base]
+    raise UserError(f"{cls.__name__} has no ONNX export form; known: {', '.join(c.__name__ for c in _FORMS)}")
+
+
+@register_form(XLinear, inner_shape=True)
 class _GatherLinear(nn.Module):
     """Export form of an XLinear: Gather on the feature axis + a grouped 1x1 Conv (a grouped matmul).
 
@@ -86,6 +129,17 @@ class _PairedConv(nn.Module):
         return own + conv_nd(x.index_select(1, self.perm), self.w_perm, None, *args)
 
 
+@register_form(XConv1d, XConv2d, XConv3d)
+def _gather_conv(layer: nn.Module, _inner_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """``Gather -> Conv(group=G)`` (the layer with ``execution="gather"``), or the paired form."""
+    perm = paired_perm(layer)
+    if perm is not None:
+        return _PairedConv(layer, perm)
+    layer = copy.copy(layer)  # shares parameters; only the execution attribute differs
+    layer.execution = "gather"
+    return layer
+
+
 def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
 
@@ -93,14 +147,7 @@ def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | None = None) -> nn.Module:
     if layout == "dense":
         return layer.to_dense()
-    if isinstance(layer, XLinear):
-        return _GatherLinear(layer, inner_shape)
-    perm = paired_perm(layer)
-    if perm is not None:
-        return _PairedConv(layer, perm)
-    layer = copy.copy(layer)  # shares parameters; only the execution attribute differs
-    layer.execution = "gather"
-    return layer
+    return form_for(type(layer)).gather(layer, inner_shape)
 
 
 def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tuple[int, ...] | None]) -> nn.Module:
@@ -136,14 +183,15 @@ def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[
 
 
 def _inner_shapes(layers, shapes: dict, other: dict | None) -> dict[str, tuple | None]:
-    """Per XLinear the fixed dims of its input between batch and features, if they are fixed.
+    """Per layer whose form takes it (XLinear) the fixed dims of its input between batch and
+    features, if they are fixed.
 
     ``other`` holds the shapes seen at twice the batch (dynamic export): only dims that do
     not change with the batch may become constants; ``None`` (static batch) trusts them all.
     """
     inner: dict[str, tuple | None] = {}
     for n, m in layers:
-        if not isinstance(m, XLinear):
+        if not form_for(type(m)).inner_shape:
             continue
         s = shapes[n]
         ok = len(s) == 1 and len(s[0]) >= 2
@@ -152,3 +200,8 @@ def _inner_shapes(layers, shapes: dict, other: dict | None) -> dict[str, tuple |
             ok = len(o) == 1 and len(o[0]) == len(s[0]) and o[0][0] == 2 * s[0][0] and o[0][1:] == s[0][1:]
         inner[n] = tuple(s[0][1:-1]) if ok else None
     return inner
+
+
+def takes_inner_shape(layers) -> bool:
+    """Whether any of ``layers`` (name, module) has a form that takes its inner input shape."""
+    return any(form_for(type(m)).inner_shape for _, m in layers)

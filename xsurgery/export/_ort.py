@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions and timing; the gather/dense choice of ``layout="auto"``.
+"""ONNX Runtime sessions (its entry in :mod:`xsurgery.export.runtimes`) and the timing of
+``layout="auto"``'s gather/dense choice, in whichever runtime's sessions it is given.
 
 Every session here (auto's candidates, the verification, ``benchmark=True`` and ``xsurgery
 bench``'s ORT rows) is made by :func:`session` with the same options: all graph
@@ -53,7 +54,9 @@ def session(model: str | bytes, threads: int | None):
                                 providers=["CPUExecutionProvider"])
 
 
-_session = session  # the name the export driver uses
+def input_names(sess) -> list[str]:
+    """The session's input names, in order."""
+    return [i.name for i in sess.get_inputs()]
 
 
 def _time_sessions(sessions: list, feed: dict, *, budget_s: float, min_reps: int = 5, max_reps: int = 200,
@@ -140,7 +143,7 @@ def compare_sessions(names: list[str], sessions: list, feed: dict, *, dense: int
     return Comparison(list(names), med, wins, n, pick, reason)
 
 
-def _choose_layouts(layers, shapes, inner, opset, threads, log, make=None
+def _per_layer_choices(layers, shapes, inner, opset, threads, log, make=None
                     ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Time gather vs dense of every X-layer alone (its input shape at the export batch);
     ``make(model_bytes, threads)`` makes the runtime's session (default ORT's)."""

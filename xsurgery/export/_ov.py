@@ -1,4 +1,5 @@
-"""OpenVINO as the runtime ``layout="auto"`` tunes for (``export --runtime openvino``).
+"""OpenVINO as the runtime ``layout="auto"`` tunes for (``export --runtime openvino``); its
+entry in :mod:`xsurgery.export.runtimes`.
 
 A compiled OpenVINO model behind the ``run(None, feed)`` call of an ORT session, so the
 export's timing and verification code runs unchanged on either runtime. Timing sessions use
@@ -11,8 +12,6 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Any
-
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 class _OVSession:
@@ -51,10 +50,6 @@ def session(model: str | bytes, threads: int | None, *, exact: bool = False) -> 
     return _OVSession(core.compile_model(read, "CPU", config))
 
 
-def check_installed() -> None:
-    from ..errors import UserError
-
-    try:
-        import openvino  # noqa: F401
-    except ImportError as exc:
-        raise UserError("--runtime openvino needs OpenVINO: pip install 'xsurgery[openvino]'") from exc
+def input_names(sess: _OVSession) -> list[str]:
+    """The compiled model's input names, in order."""
+    return [i.get_any_name() for i in sess.compiled.inputs]
