@@ -16,6 +16,7 @@ change on a shared machine moves all of them alike and the ratios stay comparabl
 
 from __future__ import annotations
 
+from ._frontier import pareto_front
 from ._measure import (
     Timing,
     count_macs,
@@ -30,6 +31,7 @@ from ._measure import (
 )
 from ._output import csv_table, markdown_table, plot, print_table, write_json
 from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+from .sweep import plan_sweep, sweep
 
 __all__ = [
     "ALL_BACKENDS",
@@ -54,4 +56,7 @@ __all__ = [
     "train_runner",
     "versions",
     "write_json",
+    "pareto_front",
+    "plan_sweep",
+    "sweep",
 ]

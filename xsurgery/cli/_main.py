@@ -25,6 +25,7 @@ from ._args import (
 )
 from ._bench import add_cli as bench_cli
 from ._export import add_cli as export_cli
+from ._sweep import add_cli as sweep_cli
 from ._train import add_cli as train_cli
 
 __all__ = ["main"]
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot_arg(p, "the layer's biadjacency, or the reach per depth against the grouped baseline")
     p.set_defaults(func=_cmd_graph)
 
-    for add_cli in (export_cli, train_cli, bench_cli):
+    for add_cli in (export_cli, train_cli, bench_cli, sweep_cli):
         add_cli(sub)
     for p in sub.choices.values():  # --quiet everywhere, stage modules' commands included
         if not any("--quiet" in a.option_strings for a in p._actions):

@@ -49,10 +49,10 @@ def add_cli(subparsers) -> None:
                    help="stop after this epoch is saved (continue later with --resume)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model size; do not train")
     p.set_defaults(func=_cmd_train)
-    p.__class__ = _intermixed(type(p))
+    p.__class__ = intermixed(type(p))
 
 
-def _intermixed(base: type) -> type:
+def intermixed(base: type) -> type:
     """``base`` parser class that also takes ``key=value`` overrides given after options.
 
     argparse stops filling a ``nargs="*"`` positional at the first option, so

@@ -10,9 +10,9 @@ scoring the run (``_results``).
 from __future__ import annotations
 
 from ._loop import build_model, lr_at, train
-from ._recipe import Recipe, load_recipe, recipe_to_yaml
+from ._recipe import Recipe, apply_overrides, load_recipe, read_recipe_file, recipe_to_yaml
 from ._results import final_line
 from ._state import BEST, CHECKPOINT, RESULT
 
-__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "build_model", "final_line", "load_recipe", "lr_at",
-           "recipe_to_yaml", "train"]
+__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "apply_overrides", "build_model", "final_line", "load_recipe",
+           "lr_at", "read_recipe_file", "recipe_to_yaml", "train"]

@@ -1,0 +1,106 @@
+"""``xsurgery sweep``: variants, the Pareto front, an end-to-end tiny sweep, resuming."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xsurgery.bench import pareto_front, plan_sweep, sweep
+from xsurgery.errors import UserError
+from xsurgery.train import load_recipe, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIGITS = os.path.join(ROOT, "recipes", "digits.yaml")
+
+
+def test_pareto_front_matches_a_hand_made_table():
+    # (cost, top-1): lower cost and higher top-1 win
+    table = [
+        ((1.00, 90.0), True),   # the most accurate
+        ((0.50, 85.0), True),   # cheaper, less accurate: a trade-off
+        ((0.60, 84.0), False),  # dominated by (0.50, 85)
+        ((0.50, 85.0), True),   # a tie with a front point is not dominated
+        ((0.30, 70.0), True),   # the cheapest
+        ((0.30, 60.0), False),  # same cost, worse
+        ((1.20, 90.0), False),  # as accurate as the first, dearer
+        ((math.nan, 99.0), False),  # not measured: never on the front
+    ]
+    assert pareto_front([p for p, _ in table]) == [on for _, on in table]
+
+
+def test_variants_resolve_to_recipe_overrides(tmp_path):
+    runs = plan_sweep(DIGITS, ["dense", "dense@0.5", "x@4:mixing=1,mix_points=chain", "grouped@2"], [0, 1],
+                      ["epochs=1"], str(tmp_path))
+    assert len(runs) == 8 and {r.seed for r in runs} == {0, 1}
+    by = {r.variant.name: r.recipe for r in runs if r.seed == 0}
+    assert by["dense"]["surgery"] is None
+    assert by["dense@0.5"]["surgery"] is None and by["dense@0.5"]["model"]["kwargs"]["width"] == 8  # 16 * 0.5
+    x = by["x@4:mixing=1,mix_points=chain"]["surgery"]
+    assert (x["compress"], x["mixing"], x["mix_points"]) == (4.0, 1, "chain")
+    assert by["grouped@2"]["surgery"]["graph"] == "grouped" and by["grouped@2"]["epochs"] == 1
+    assert len({r.folder for r in runs}) == 8  # every run its own folder
+    for bad, match in (("x@0.5", "compression"), ("nosuch", "unknown variant"), ("x@2:speed=9", "not one of")):
+        with pytest.raises(UserError, match=match):
+            plan_sweep(DIGITS, [bad], [0], [], str(tmp_path))
+
+
+def test_wide_x_is_converted_back_to_the_dense_macs(tmp_path):
+    from xsurgery.analysis import report
+    from xsurgery.train import Recipe, build_model
+
+    (run,) = plan_sweep(DIGITS, ["wide-x@2"], [0], [], str(tmp_path))
+    assert run.recipe["model"]["kwargs"]["width"] == 32
+    dense = build_model(load_recipe(DIGITS, variant="dense"))
+    wide = build_model(Recipe.from_dict(run.recipe))
+    size = (1, 16, 16)
+    macs = report(dense, input_size=size).totals["macs_after"]
+    got = report(wide, input_size=size).totals["macs_after"]
+    assert abs(got - macs) / macs <= 0.02
+
+
+def test_tiny_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "xsurgery.cli", "sweep", DIGITS, "--variants", "dense", "x@2", "--seeds", "0",
+           "epochs=1", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "dense/s0 done" in proc.stderr and "x@2/s0 done" in proc.stderr
+    page = (out / "README.md").read_text()
+    for name in ("top1_vs_latency.png", "top1_vs_macs.png", "top1_vs_params.png"):
+        assert (out / name).stat().st_size > 1000 and f"]({name})" in page
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["variant"]: r for r in summary["variants"]}
+    assert set(rows) == {"dense", "x@2"} and rows["dense"]["latency"] == 1.0
+    assert 0 < rows["x@2"]["latency"] < 5 and rows["x@2"]["macs"] < rows["dense"]["macs"]
+    per_run = json.loads((out / "results" / "x_2-s0.json").read_text())
+    result = json.loads((out / "runs" / "x_2" / "s0" / "result.json").read_text())
+    assert per_run["test_top1"] == result["test_top1"]
+    assert f"| x@2 | {100 * result['test_top1']:.2f} ± 0.00 |" in page
+    # a second sweep reuses both finished runs (no training) and only trains the new variant
+    stamp = os.path.getmtime(out / "runs" / "dense" / "s0" / "result.json")
+    proc = subprocess.run(cmd[:7] + ["grouped@2"] + cmd[7:] + ["--runtime", "none"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 3 runs already finished (skipped)" in proc.stderr
+    assert "dense/s0 done" not in proc.stderr and "grouped@2/s0 done" in proc.stderr
+    assert os.path.getmtime(out / "runs" / "dense" / "s0" / "result.json") == stamp
+    # a finished run of another recipe is refused, not silently reused
+    proc = subprocess.run(cmd[:-3] + ["epochs=2", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "epochs differ" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_interrupted_run_is_resumed(tmp_path):
+    out = str(tmp_path / "sweep")
+    (run,) = plan_sweep(DIGITS, ["x@2"], [0], ["epochs=2"], out)
+    from xsurgery.train import Recipe
+
+    train(Recipe.from_dict(run.recipe), stop_after_epoch=1, quiet=True)  # as if killed after epoch 1
+    assert not run.done
+    result = sweep(DIGITS, ["x@2"], seeds=[0], overrides=["epochs=2"], out=out, runtime=None, log=lambda _: None)
+    assert run.done and result["runs"][0]["epochs"] == 2
+    with open(os.path.join(run.folder, "metrics.jsonl"), encoding="utf-8") as f:
+        epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+    assert epochs == [1, 2]  # epoch 1 was not trained again

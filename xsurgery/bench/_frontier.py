@@ -1,0 +1,118 @@
+"""The accuracy-cost frontier of a sweep: Pareto marking, the summary, the page and its plots."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["COSTS", "pareto_front", "sweep_page", "sweep_plots", "summarize"]
+
+# cost axes of the page: (summary key, label); lower is better on each, higher top-1 is better
+COSTS = (("latency", "latency / dense"), ("macs", "MACs"), ("params", "parameters"))
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, score) points: ``True`` where no other point is at most as costly and at least
+    as good, and strictly better in one (lower cost wins, higher score wins). NaN is never on it."""
+    out = []
+    for i, (c, s) in enumerate(points):
+        if math.isnan(c) or math.isnan(s):
+            out.append(False)
+            continue
+        dominated = any(j != i and c2 <= c and s2 >= s and (c2 < c or s2 > s)
+                        for j, (c2, s2) in enumerate(points) if not (math.isnan(c2) or math.isnan(s2)))
+        out.append(not dominated)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], latency: dict[str, float] | None) -> list[dict[str, Any]]:
+    """One row per variant (in the order first seen): top-1 mean/std over its seeds, params, MACs,
+    the measured latency ratio to dense, and its place on the front of each cost."""
+    order: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        order.setdefault(r["variant"], []).append(r)
+    rows = []
+    for name, rs in order.items():
+        top1, std = _mean_std([100 * r["test_top1"] for r in rs])
+        rows.append({"variant": name, "seeds": sorted(r["seed"] for r in rs), "top1": top1, "top1_std": std,
+                     "params": rs[0]["params"], "macs": rs[0]["macs"],
+                     "latency": (latency or {}).get(name, math.nan)})
+    for key, _ in COSTS:
+        marks = pareto_front([(float(r[key]), r["top1"]) for r in rows])
+        for r, on in zip(rows, marks):
+            r[f"front_{key}"] = on
+    return rows
+
+
+def _num(v: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v:g}"
+
+
+def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plots: Sequence[str]) -> str:
+    """The markdown page: how it was measured, the table (fronts starred) and the plots."""
+    lines = [f"# {title}", "",
+             f"Recipe `{meta['recipe']}`; seeds {', '.join(map(str, meta['seeds']))}; overrides "
+             f"`{' '.join(meta['overrides']) or 'none'}`. Top-1 on the test split (mean ± std over seeds) "
+             f"of each run's `best.xs`. Latency: {meta.get('latency_note', 'not measured')}.", "",
+             "| variant | top-1 % | params | MACs | latency / dense | front (latency, MACs, params) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = "n/a" if math.isnan(r["latency"]) else f"{r['latency']:.2f}"
+        fronts = ", ".join("*" if r[f"front_{k}"] else "-" for k, _ in COSTS)
+        lines.append(f"| {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {_num(r['params'])} | "
+                     f"{_num(r['macs'])} | {lat} | {fronts} |")
+    lines += ["", "`*`: on the Pareto front of top-1 against that cost (no variant is at most as costly and "
+              "at least as accurate, and better in one).", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plots(rows: list[dict[str, Any]], folder: str, force: bool = True) -> list[str]:
+    """Top-1 against each cost, fronts joined by a line; returns the file names written."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from .._util.io import write_bytes
+
+    names = []
+    for key, label in COSTS:
+        pts = [r for r in rows if not math.isnan(float(r[key]))]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in pts:
+            ax.errorbar(r[key], r["top1"], yerr=r["top1_std"], fmt="o" if r[f"front_{key}"] else "x",
+                        color="C0" if r[f"front_{key}"] else "C7", capsize=2)
+            ax.annotate(r["variant"], (r[key], r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted((r[key], r["top1"]) for r in pts if r[f"front_{key}"])
+        if front:
+            ax.plot(*zip(*front), "-", color="C0", alpha=0.6, label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(label + (" (log)" if key != "latency" else ""))
+        if key != "latency":
+            ax.set_xscale("log")
+        ax.set_ylabel("test top-1 %")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"top1_vs_{key}.png"
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        write_bytes(os.path.join(folder, name), buf.getvalue(), force=force)
+        names.append(name)
+    return names

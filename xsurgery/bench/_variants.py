@@ -1,0 +1,129 @@
+"""Sweep variants: named sets of recipe overrides, from the recipe's own ``variants:`` or from
+the built-in families (``dense@w``, ``grouped@C``, ``x@C``, ``wide-x@w``), each registered."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["Variant", "list_families", "parse_variant", "register_family"]
+
+# model kwargs that scale a family's width, in the order they are looked for
+WIDTH_KNOBS = ("width_mult", "widen_factor", "width", "hidden")
+SURGERY_OPTIONS = ("mixing", "graph", "mix_points", "execution", "seed", "layers")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a sweep: a name, the recipe overrides that make it, and how it is built.
+
+    ``target`` is set by families that size the model to a budget after the overrides
+    (``wide-x``: the dense model's MACs), resolved when the sweep builds the run.
+    """
+
+    name: str
+    family: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None
+    value: float | None = None
+
+
+Family = Callable[[float, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], str | None]]
+_FAMILIES: dict[str, tuple[Family, str]] = {}
+
+
+def register_family(name: str, help: str) -> Callable[[Family], Family]:
+    """Register ``fn(value, options, recipe_dict) -> (overrides, budget target or None)`` as ``name@value``."""
+
+    def add(fn: Family) -> Family:
+        if name in _FAMILIES:
+            raise ValueError(f"variant family {name!r} is already registered")
+        _FAMILIES[name] = (fn, help)
+        return fn
+
+    return add
+
+
+def list_families() -> dict[str, str]:
+    return {k: h for k, (_, h) in _FAMILIES.items()}
+
+
+def _width_overrides(width: float, recipe: dict[str, Any]) -> dict[str, Any]:
+    kwargs = (recipe.get("model") or {}).get("kwargs") or {}
+    knob = next((k for k in WIDTH_KNOBS if k in kwargs), None)
+    if knob is None:
+        raise UserError(f"a width variant needs the model's width knob in the recipe: set model.kwargs."
+                        f"{WIDTH_KNOBS[0]} (or {', '.join(WIDTH_KNOBS[1:])})")
+    base = kwargs[knob]
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        raise UserError(f"model.kwargs.{knob} must be a number to scale, got {base!r}")
+    scaled = max(1, round(base * width)) if isinstance(base, int) else base * width
+    return {f"model.kwargs.{knob}": scaled}
+
+
+def _surgery(recipe: dict[str, Any], compress: float, options: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    base = dict(recipe.get("surgery") or {})
+    base.pop("degree", None)
+    base.update(compress=compress, **fixed)
+    base.update(options)
+    return {"surgery": base}
+
+
+@register_family("dense", "dense@w: the dense model at width multiplier w (the dense frontier)")
+def _dense(value: float, options: dict[str, Any], recipe: dict[str, Any]):
+    return {"surgery": None, **(_width_overrides(value, recipe) if value != 1 else {})}, None
+
+
+@register_family("x", "x@C: X-layers at compression C (options :mixing=1,mix_points=chain,graph=paired)")
+def _x(value: float, options: dict[str, Any], recipe: dict[str, Any]):
+    return _surgery(recipe, value, {"mixing": 2, **options}), None
+
+
+@register_family("grouped", "grouped@C: grouped convolutions at compression C (no mixing)")
+def _grouped(value: float, options: dict[str, Any], recipe: dict[str, Any]):
+    return _surgery(recipe, value, options, graph="grouped", mixing=1), None
+
+
+@register_family("wide-x", "wide-x@w: the model widened by w, converted back to the dense model's MACs")
+def _wide_x(value: float, options: dict[str, Any], recipe: dict[str, Any]):
+    over = _width_overrides(value, recipe)
+    over.update(_surgery(recipe, 1.0, {"mixing": 2, **options}))
+    return over, "dense-macs"
+
+
+_SPEC = re.compile(r"^(?P<family>[a-z][a-z0-9-]*)@(?P<value>[0-9]*\.?[0-9]+)(?::(?P<opts>.+))?$")
+
+
+def _parse_options(text: str | None, name: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        key, sep, raw = part.partition("=")
+        if not sep or key not in SURGERY_OPTIONS:
+            raise UserError(f"variant {name!r}: option {part!r} is not one of {', '.join(SURGERY_OPTIONS)} "
+                            f"as key=value (e.g. x@4:mixing=1)")
+        out[key] = yaml.safe_load(raw) if raw not in ("", None) else raw
+    return out
+
+
+def parse_variant(text: str, recipe: dict[str, Any]) -> Variant:
+    """A variant from its name: one of the recipe's ``variants:`` or ``family@value[:k=v,...]``."""
+    named = recipe.get("variants") or {}
+    if text in named:
+        return Variant(text, "recipe", dict(named[text] or {}))
+    m = _SPEC.match(text)
+    if m is None or m["family"] not in _FAMILIES:
+        known = ", ".join([*named, *(f"{f}@N" for f in _FAMILIES)])
+        raise UserError(f"unknown variant {text!r}; use one of {known}")
+    value = float(m["value"])
+    if value <= 0 or (m["family"] in ("x", "grouped") and value < 1):
+        raise UserError(f"variant {text!r}: the value must be > 0 (a compression >= 1)")
+    overrides, target = _FAMILIES[m["family"]][0](value, _parse_options(m["opts"], text), recipe)
+    return Variant(text, m["family"], overrides, target, value)
