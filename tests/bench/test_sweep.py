@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from xsurgery.bench import pareto_front, plan_sweep, sweep
+from xsurgery.bench._frontier import still_rising
 from xsurgery.errors import UserError
 from xsurgery.train import load_recipe, train
 
@@ -29,6 +30,13 @@ def test_pareto_front_matches_a_hand_made_table():
         ((math.nan, 99.0), False),  # not measured: never on the front
     ]
     assert pareto_front([p for p, _ in table]) == [on for _, on in table]
+
+
+def test_still_rising_reads_the_last_quarter_of_the_curve():
+    flat = [0.50, 0.70, 0.80, 0.84, 0.850, 0.851, 0.852, 0.852]
+    rising = [0.50, 0.70, 0.80, 0.84, 0.850, 0.855, 0.860, 0.866]
+    assert not still_rising(flat) and still_rising(rising)
+    assert still_rising([0.5, 0.6]) and not still_rising([0.6]) and not still_rising([0.6, 0.6, 0.59])
 
 
 def test_variants_resolve_to_recipe_overrides(tmp_path):
@@ -69,7 +77,7 @@ def test_tiny_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "dense/s0 done" in proc.stderr and "x@2/s0 done" in proc.stderr
     page = (out / "README.md").read_text()
-    for name in ("top1_vs_latency.png", "top1_vs_macs.png", "top1_vs_params.png"):
+    for name in ("top1_vs_latency.png", "top1_vs_macs.png", "top1_vs_params.png", "curves.png"):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in page
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["variant"]: r for r in summary["variants"]}

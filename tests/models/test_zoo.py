@@ -63,7 +63,7 @@ def test_forward_shapes_and_default_input_size(name):
         assert model(torch.randn(2, c, h, w)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if n != "fmnist_mlp"))  # the convnets
 def test_surgery_converts_zoo_models_like_any_model(name):
     model = MODELS[name]()
     assert not any(isinstance(m, XConv2d) for m in model.modules())  # plain definitions
@@ -103,3 +103,17 @@ def test_fashion_mnist_nets_structure_and_parameter_counts():
     for net in (m, r):
         assert net.default_input_size == (1, 28, 28)
         assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_fmnist_mlp_converts_from_its_image_size():
+    import torch
+
+    import xsurgery
+    from xsurgery.models.zoo import fmnist_mlp
+
+    mlp = fmnist_mlp(width=64, depth=2)
+    assert mlp(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    _, rep = xsurgery.convert(mlp, compress=4, input_size=(1, 28, 28), exclude=["1"])  # a sample the MLP flattens
+    rows = {r["name"]: r for r in rep.to_dict()["layers"]}
+    assert rows["4"]["degree"] == 16 and not rows["1"].get("degree")
+    assert rep.totals["macs_before"] == 784 * 64 + 64 * 64 + 64 * 10

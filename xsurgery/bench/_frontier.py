@@ -7,7 +7,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COSTS", "pareto_front", "sweep_page", "sweep_plots", "summarize"]
+__all__ = ["COSTS", "pareto_front", "still_rising", "summarize", "sweep_page", "sweep_plots"]
+
+RISING_POINTS = 0.3  # top-1 points gained over the last quarter of the epochs that count as "still rising"
 
 # cost axes of the page: (summary key, label); lower is better on each, higher top-1 is better
 COSTS = (("latency", "latency / dense"), ("macs", "MACs"), ("params", "parameters"))
@@ -40,14 +42,25 @@ def summarize(runs: list[dict[str, Any]], latency: dict[str, float] | None) -> l
     rows = []
     for name, rs in order.items():
         top1, std = _mean_std([100 * r["test_top1"] for r in rs])
+        curve = rs[0].get("curve") or []
         rows.append({"variant": name, "seeds": sorted(r["seed"] for r in rs), "top1": top1, "top1_std": std,
                      "params": rs[0]["params"], "macs": rs[0]["macs"],
-                     "latency": (latency or {}).get(name, math.nan)})
+                     "latency": (latency or {}).get(name, math.nan), "curve": curve,
+                     "still_rising": still_rising(curve)})
     for key, _ in COSTS:
         marks = pareto_front([(float(r[key]), r["top1"]) for r in rows])
         for r, on in zip(rows, marks):
             r[f"front_{key}"] = on
     return rows
+
+
+def still_rising(curve: Sequence[float]) -> bool:
+    """Validation top-1 still climbing at the end: the last quarter of the epochs (at least two)
+    raised the best value by more than :data:`RISING_POINTS` points."""
+    if len(curve) < 4:
+        return len(curve) > 1 and 100 * (curve[-1] - max(curve[:-1])) > RISING_POINTS
+    tail = max(2, len(curve) // 4)
+    return 100 * (max(curve[-tail:]) - max(curve[:-tail])) > RISING_POINTS
 
 
 def _num(v: float) -> str:
@@ -72,6 +85,12 @@ def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plo
                      f"{_num(r['macs'])} | {lat} | {fronts} |")
     lines += ["", "`*`: on the Pareto front of top-1 against that cost (no variant is at most as costly and "
               "at least as accurate, and better in one).", ""]
+    rising = [r["variant"] for r in rows if r.get("still_rising")]
+    lines += ["Learning curves (`curves.png`, validation top-1 per epoch, first seed): "
+              + (f"**still rising at the end** for {', '.join(rising)} (more than {RISING_POINTS} points gained "
+                 f"in the last quarter of the epochs): their top-1 is not final." if rising else
+                 "every curve has levelled off (under "
+                 f"{RISING_POINTS} points gained in the last quarter of the epochs)."), ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -85,9 +104,7 @@ def sweep_plots(rows: list[dict[str, Any]], folder: str, force: bool = True) -> 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .._util.io import write_bytes
-
-    names = []
+    names = [_curves_plot(rows, folder, force)] if any(r.get("curve") for r in rows) else []
     for key, label in COSTS:
         pts = [r for r in rows if not math.isnan(float(r[key]))]
         if not pts:
@@ -108,11 +125,37 @@ def sweep_plots(rows: list[dict[str, Any]], folder: str, force: bool = True) -> 
         ax.grid(alpha=0.3)
         fig.tight_layout()
         name = f"top1_vs_{key}.png"
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        write_bytes(os.path.join(folder, name), buf.getvalue(), force=force)
+        _save(fig, os.path.join(folder, name), force)
         names.append(name)
     return names
+
+
+def _save(fig, path: str, force: bool) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .._util.io import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue(), force=force)
+
+
+def _curves_plot(rows: list[dict[str, Any]], folder: str, force: bool) -> str:
+    import os
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get("curve"):
+            ax.plot(range(1, len(r["curve"]) + 1), [100 * v for v in r["curve"]], marker=".", label=r["variant"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, os.path.join(folder, "curves.png"), force)
+    return "curves.png"

@@ -161,6 +161,18 @@ def _train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: 
     return failures
 
 
+def _curve(run: SweepRun) -> list[float]:
+    """The run's validation (else test) top-1 per epoch, from its ``metrics.jsonl``."""
+    path = os.path.join(run.folder, "metrics.jsonl")
+    curve = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                curve.append(rec.get("val_top1", rec.get("test_top1")))
+    return [float(v) for v in curve if v is not None]
+
+
 def _result(run: SweepRun) -> dict[str, Any]:
     from ..train import RESULT
 
@@ -186,7 +198,7 @@ def _measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batch: in
         totals = report(model, input_size=size).totals
         rows.append({"variant": run.variant.name, "family": run.variant.family, "seed": run.seed,
                      "folder": run.folder, "params": int(totals["params_after"]), "macs": int(totals["macs_after"]),
-                     **_result(run)})
+                     "curve": _curve(run), **_result(run)})
         models.setdefault(run.variant.name, (model, size, run.variant))
     if runtime is None or not models:
         return rows, None

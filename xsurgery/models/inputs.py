@@ -203,7 +203,8 @@ def normalize(example_inputs: Any) -> Example:
 def shape_from_size(model: nn.Module, input_size: int | Sequence[int]) -> tuple[tuple[int, ...], torch.dtype | None]:
     """``input_size`` -> (per-sample shape, dtype or None), decided from the model's first weight layer.
 
-    A first ``nn.Linear`` takes the size as its feature shape (``40`` -> ``[40]``), a first
+    A first ``nn.Linear`` takes the size as its feature shape (``40`` -> ``[40]``; a shape whose
+    product is its input, ``1 28 28`` for ``Linear(784, ...)``, as a sample to flatten), a first
     ``nn.Embedding`` as a sequence length of int64 ids, a first Conv1d/Conv3d as ``L`` / ``(C, L)``
     and ``(T, H, W)`` / ``(C, T, H, W)``; everything else as the image shorthand
     ``H``, ``(H, W)`` or ``(C, H, W)`` with the model's own channel count.
@@ -213,6 +214,8 @@ def shape_from_size(model: nn.Module, input_size: int | Sequence[int]) -> tuple[
         raise UserError(f"--input-size takes positive sizes of at most {MAX_ELEMENTS} elements in all, got {list(size)}")
     first = first_weight_layer(model)
     if isinstance(first, nn.Linear):
+        if len(size) > 1 and math.prod(size) == first.in_features:
+            return size, None  # a whole sample the model flattens first (an MLP on images)
         if size[-1] != first.in_features:
             raise UserError(f"the model's first layer is nn.Linear({first.in_features}, ...): --input-size "
                             f"{' '.join(map(str, size))} must end in {first.in_features} (the feature size)")

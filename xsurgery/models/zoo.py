@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "DenseNetBC", "FMNISTMobileNet", "FMNISTResNet", "VGGCifar", "densenet_bc_40", "digits_cnn",
-           "fmnist_mobilenet", "fmnist_resnet", "vgg16_cifar"]
+__all__ = ["MODELS", "DenseNetBC", "FMNISTMLP", "FMNISTMobileNet", "FMNISTResNet", "VGGCifar", "densenet_bc_40", "digits_cnn",
+           "fmnist_mlp", "fmnist_mobilenet", "fmnist_resnet", "vgg16_cifar"]
 
 
 class _Bottleneck(nn.Module):
@@ -288,10 +288,34 @@ def fmnist_resnet(num_classes: int = 10, width: int = 32, in_chans: int = 1, inp
     return FMNISTResNet(num_classes, width, in_chans, input_size)
 
 
+class FMNISTMLP(nn.Sequential):
+    """An MLP on the flattened pixels: ``depth`` Linear-BatchNorm-ReLU layers of ``width`` units,
+    then a linear classifier (the first layer reads the raw input: the stem)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 1024, depth: int = 3, in_chans: int = 1,
+                 input_size: int = 28) -> None:
+        if depth < 1 or width < 1:
+            raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        cin = in_chans * input_size * input_size
+        for _ in range(depth):
+            layers += [nn.Linear(cin, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            cin = width
+        super().__init__(*layers, nn.Linear(cin, num_classes))
+        self.default_input_size = (in_chans, input_size, input_size)
+
+
+def fmnist_mlp(num_classes: int = 10, width: int = 1024, depth: int = 3, in_chans: int = 1,
+               input_size: int = 28) -> nn.Module:
+    """MLP for 28x28 Fashion-MNIST (see :class:`FMNISTMLP`)."""
+    return FMNISTMLP(num_classes, width, depth, in_chans, input_size)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc_40": densenet_bc_40,
     "vgg16_cifar": vgg16_cifar,
     "digits_cnn": digits_cnn,
     "fmnist_mobilenet": fmnist_mobilenet,
     "fmnist_resnet": fmnist_resnet,
+    "fmnist_mlp": fmnist_mlp,
 }
