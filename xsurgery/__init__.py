@@ -1,7 +1,7 @@
 """xsurgery: make any torch model expander-sparse before training.
 
-One folder per stage; data flows one way (README, Layout):
-graphs -> layers -> models -> surgery -> analysis -> checkpoint -> export -> train -> bench -> cli.
+One folder per stage, data flowing one way through them: the flow, the folders and where each
+extension point's registry lives are in the README's Layout section.
 """
 
 from ._version import __version__
