@@ -178,9 +178,10 @@ def _short(c: float, degrees) -> float:
     """The shortest decimal giving the same degrees as ``c`` (3.2 rather than 3.2109375)."""
     want = degrees(c)
     for digits in range(0, 13):
-        r = round(c, digits)
-        if r >= 1 and degrees(r) == want:
-            return r
+        scale = 10 ** digits
+        for r in (round(c, digits), math.floor(c * scale) / scale, math.ceil(c * scale) / scale):
+            if r >= 1 and degrees(r) == want:
+                return r
     return c
 
 
