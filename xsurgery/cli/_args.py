@@ -14,8 +14,8 @@ from ..errors import UserError
 from ..graphs import list_graphs
 from ..layers import SparsityConfig
 
-__all__ = ["add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args", "add_trust_args", "example_arg",
-           "load_options", "surgery_kwargs", "table_options"]
+__all__ = ["add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args", "add_trust_args", "budget_kwargs",
+           "example_arg", "load_options", "surgery_kwargs", "table_options"]
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -81,12 +81,22 @@ def load_options(args: argparse.Namespace) -> dict[str, bool]:
             "allow_nonfinite": bool(getattr(args, "allow_nonfinite", False))}
 
 
-def add_surgery_args(p: argparse.ArgumentParser) -> None:
+def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> None:
+    """The surgery's flags; ``budget``: also --target-macs/--target-params/--match-macs (convert)."""
     g = p.add_argument_group("surgery")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--compress", type=_positive_float, default=None, metavar="C",
                      help="compression C: degree D = C_in // C (default 2)")
     how.add_argument("--degree", type=int, default=None, metavar="D", help="explicit degree D per output")
+    if budget:
+        how.add_argument("--target-macs", default=None, metavar="N",
+                         help="choose the compression whose converted model runs N MACs (within 2%%) on the "
+                              "example: 1.2G, 300M, 4.5k or an integer")
+        how.add_argument("--target-params", default=None, metavar="N",
+                         help="choose the compression whose converted model has N parameters (within 2%%)")
+        how.add_argument("--match-macs", default=None, metavar="MODEL",
+                         help="choose the compression whose converted model runs the MACs of MODEL (a model "
+                              "name or import path, on the same --input / --input-size)")
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
     g.add_argument("--graph", default="random",
@@ -121,6 +131,11 @@ def surgery_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "exclude": args.exclude, "include_stem": args.include_stem,
         "include_classifier": args.include_classifier, "min_channels": args.min_channels, "plan": args.plan,
     }
+
+
+def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``convert``'s budget keywords (None where not given)."""
+    return {k: getattr(args, k, None) for k in ("target_macs", "target_params", "match_macs")}
 
 
 def add_output_args(p: argparse.ArgumentParser, *, table: bool = True, force: bool = True) -> None:

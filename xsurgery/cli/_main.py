@@ -9,6 +9,7 @@ and writes JSON the same way (``--json [FILE]``, see :func:`xsurgery.cli._args.a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._args import (
     add_output_args,
     add_quiet_arg,
     add_surgery_args,
+    budget_kwargs,
     example_arg,
     load_options,
     surgery_kwargs,
@@ -82,14 +84,33 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     _check_outputs(args, args.output, args.json, args.plot)
     model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
                          model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
-                         allow_none=args.allow_none, **surgery_kwargs(args))
-    _emit_json(rep.to_dict(), args.json, args.force)
-    _render(rep, args)
+                         allow_none=args.allow_none, **surgery_kwargs(args), **budget_kwargs(args))
+    data = {**rep.to_dict(), **({"budget": rep.budget} if rep.budget else {})}
+    _emit_json(data, args.json, args.force)
+    if rep.budget and args.fmt == "json" and args.json != "-":
+        print(json.dumps(data, indent=2))
+    else:
+        _render(rep, args)
+    if rep.budget and args.json != "-" and args.fmt in ("table", "markdown"):
+        import shutil
+        import textwrap
+
+        width = args.width or (shutil.get_terminal_size().columns if sys.stdout.isatty() else 80)
+        print(textwrap.fill(_budget_line(rep.budget), width=max(width, 40), subsequent_indent="  "))
     _plot_report(rep, args)
     if args.output:
         save(model, args.output, force=args.force)
         _status(args, f"wrote {args.output}")
     return 0
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    """``budget: MACs 1.20 G target, 1.19 G reached (0.99x) at compress 2.3``."""
+    from .._util.table import human
+
+    what = {"macs": "MACs", "params": "params"}[b["metric"]] + (f" of {b['match']}" if b["match"] else "")
+    return (f"budget: {what} {human(b['target'], spaced=True)} target, {human(b['reached'], spaced=True)} "
+            f"reached ({b['ratio']:.2f}x) at compress {b['compress']:g}")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -195,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="rewrite a model with X-layers and print the params/FLOPs report")
     add_model_args(p)
-    add_surgery_args(p)
+    add_surgery_args(p, budget=True)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
     p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
     p.add_argument("--no-check", action="store_true",

@@ -21,10 +21,11 @@ from torch import nn
 from ..errors import UserError
 from ..graphs import build_graph, choose_blocks, degree_for, layer_seed
 from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
+from ._budget import budget_targets, fit_budget, record_reached
 from ._fx import Trace, fallback_roles, trace_roles
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
-from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern
+from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern, rule_for
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
            "load_plan"]
@@ -105,16 +106,6 @@ def _match_any(name: str, patterns: Iterable[str]) -> str | None:
     return next((p for p in patterns if match_pattern(name, p)), None)
 
 
-def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
-    for r in plan:  # exact name first, then patterns in order
-        if r.pattern == name:
-            return r
-    for r in plan:
-        if r.matches(name):
-            return r
-    return None
-
-
 def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
     """Decide, for every weight-carrying module, whether and how to convert it (no model change).
 
@@ -151,7 +142,7 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         cin, cout, kernel = layer_kind(m).shape(m)
         d = Decision(name, kind, False, None, cin, cout, kernel)
         decisions.append(d)
-        rule = _rule_for(name, spec.plan)
+        rule = rule_for(name, spec.plan)
         tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
         if not _same_forward(m):
             d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
@@ -183,7 +174,7 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         if rule.degree is None:
             continue
         mine = [d for d in decisions if d.reason is None or d.reason.startswith("degree")
-                if _rule_for(d.name, spec.plan) is rule and d.kind in ("pointwise", "conv", "linear")]
+                if rule_for(d.name, spec.plan) is rule and d.kind in ("pointwise", "conv", "linear")]
         if mine and not any(d.converted for d in mine):
             widest = max(d.in_channels for d in mine)
             raise UserError(f"plan rule {rule.pattern!r}: degree {rule.degree} is larger than the input channels of "
@@ -296,6 +287,9 @@ def convert(
     check: bool = True,
     allow_none: bool = False,
     example_inputs: Any = None,
+    target_macs: int | str | None = None,
+    target_params: int | str | None = None,
+    match_macs: nn.Module | str | None = None,
     **sparsity: Any,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
@@ -331,6 +325,12 @@ def convert(
             (:func:`xsurgery.models.inputs.default_example`); a model of no known family is
             converted by structure alone and its report has no MACs.
         allow_none: accept a surgery that converts no layer (otherwise a :class:`UserError`).
+        target_macs, target_params: a budget (``1.2G``, ``300M``, ``4.5k`` or an integer) for the
+            converted model's total MACs (on the example) or parameters: the uniform compression
+            of the selected layers that meets it within 2% (instead of compress/degree; see
+            :mod:`xsurgery.surgery._budget`). The report's ``budget`` says target and reached.
+        match_macs: a budget of another model's total MACs (a module or a source, run on the
+            same example_inputs / input_size).
 
     Returns:
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
@@ -350,8 +350,10 @@ def convert(
         name = type(model).__name__
     else:
         raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
+    cfg = SparsityConfig.of(config, **sparsity)
+    budget = budget_targets(cfg, target_macs, target_params, match_macs)
     spec = SurgerySpec.from_config(
-        SparsityConfig.of(config, **sparsity), init=init,
+        cfg, init=init,
         layers=(layers,) if isinstance(layers, str) else tuple(layers),
         include=(include,) if isinstance(include, str) else tuple(include),
         exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
@@ -359,6 +361,9 @@ def convert(
         plan=load_plan(plan),
     )
     example = resolve_example(model, example_inputs, input_size)
+    if budget is not None:
+        spec, budget = fit_budget(model, spec, decide(model, spec)[0], example, budget,
+                                  example_inputs=example_inputs, input_size=input_size)
     converted, decisions, trace = apply_surgery(model, spec)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
@@ -371,6 +376,7 @@ def convert(
     rep = make_report(converted, example_inputs=example, name=name, decisions=[d.to_dict() for d in decisions])
     rep.method = "fx" if trace.ok else "module-swap"
     rep.trace_error = trace.error
+    rep.budget = None if budget is None else record_reached(budget, rep.totals)
     return converted, rep
 
 

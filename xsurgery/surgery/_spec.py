@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..graphs import BipartiteGraph, list_graphs
 from ..layers import EXECUTIONS, INITS, MIX_POINTS, SparsityConfig
 
-__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_pattern", "load_plan", "match_pattern"]
+__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_pattern", "load_plan", "match_pattern", "rule_for"]
 
 
 def match_pattern(name: str, pattern: str) -> bool:
@@ -87,6 +87,17 @@ class LayerRule:
 
     def matches(self, name: str) -> bool:
         return match_pattern(name, self.pattern)
+
+
+def rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
+    """The plan rule deciding layer ``name``: an exact name first, then patterns in order."""
+    for r in plan:
+        if r.pattern == name:
+            return r
+    for r in plan:
+        if r.matches(name):
+            return r
+    return None
 
 
 @dataclass(frozen=True)
