@@ -61,14 +61,33 @@ def _dense_macs(recipe: dict[str, Any]) -> int:
 
 
 def _iso_mac_compress(recipe: dict[str, Any], target: int) -> float:
-    """The compression that brings the (widened) recipe model to ``target`` MACs."""
+    """The compression that brings the (widened) recipe model to ``target`` MACs: the budget's
+    (within 2%), else, where the degree steps of a small net straddle the target, the nearest step."""
+    from ..analysis import report
     from ..surgery import convert
 
     m, s = recipe["model"], dict(recipe["surgery"])
     s.pop("compress", None), s.pop("version", None)
-    converted, _ = convert(m["source"], model_kwargs=dict(m.get("kwargs") or {}), check=False,
-                           input_size=tuple(recipe["data"]["input_size"]), target_macs=target, **s)
-    return float(converted._xsurgery_spec["compress"])
+    common = {"model_kwargs": dict(m.get("kwargs") or {}), "check": False,
+              "input_size": tuple(recipe["data"]["input_size"]), **s}
+    try:
+        converted, _ = convert(m["source"], target_macs=target, **common)
+        return float(converted._xsurgery_spec["compress"])
+    except UserError as exc:
+        if "cannot be met within" not in str(exc):
+            raise
+
+    def macs(c: float) -> int:
+        model, _ = convert(m["source"], compress=c, **common)
+        return int(report(model, input_size=common["input_size"]).totals["macs_after"])
+
+    lo, hi = 1.0, 2.0
+    while macs(hi) > target and hi < 4096:
+        lo, hi = hi, hi * 2
+    for _ in range(24):  # macs(lo) > target >= macs(hi)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid) > target else (lo, mid)
+    return min((lo, hi), key=lambda c: abs(macs(c) - target))
 
 
 def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
