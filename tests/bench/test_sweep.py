@@ -112,3 +112,39 @@ def test_an_interrupted_run_is_resumed(tmp_path):
     with open(os.path.join(run.folder, "metrics.jsonl"), encoding="utf-8") as f:
         epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
     assert epochs == [1, 2]  # epoch 1 was not trained again
+
+
+def test_an_interrupted_sweep_stops_its_trainings_and_starts_no_more(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "xsurgery.cli", "sweep", DIGITS, "--variants", "dense", "x@2",
+                             "grouped@2", "--runtime", "none", "epochs=50", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "runs" / "dense" / "s0" / "metrics.jsonl").exists():  # the first training is under way
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+
+    def trainings() -> list[str]:
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "xsurgery.cli train" in cmd and str(out) in cmd:
+                found.append(cmd)
+        return found
+
+    for _ in range(50):  # the training child ends with its parent's signal, within seconds
+        if not trainings():
+            break
+        time.sleep(0.2)
+    assert not trainings()
+    assert not (out / "runs" / "x_2").exists() and not (out / "runs" / "grouped_2").exists()  # none started after

@@ -138,7 +138,35 @@ def _check_finished(run: SweepRun) -> None:
                         f"give the sweep another -o folder")
 
 
-def _train_one(run: SweepRun, out: str, threads: int, device: str) -> tuple[SweepRun, int, str, float]:
+class _Children:
+    """The training subprocesses running now, so that an interrupted sweep stops them too."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock, self.procs, self.stopping = threading.Lock(), set(), False
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+        with self.lock:
+            if self.stopping:
+                return -1, "interrupted"
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.procs.add(proc)
+        out, err = proc.communicate()
+        with self.lock:
+            self.procs.discard(proc)
+        tail = (err.strip().splitlines() or out.strip().splitlines() or [""])[-1]
+        return proc.returncode, tail
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs:
+                proc.terminate()  # training saves nothing half-written: --resume continues it
+
+
+def _train_one(run: SweepRun, out: str, threads: int, device: str,
+               children: _Children) -> tuple[SweepRun, int, str, float]:
     """``xsurgery train`` on the run's recipe in a subprocess (``--resume`` where it started)."""
     from ..train import Recipe, recipe_to_yaml
 
@@ -152,9 +180,8 @@ def _train_one(run: SweepRun, out: str, threads: int, device: str) -> tuple[Swee
         cmd.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
-    return run, proc.returncode, tail, time.monotonic() - t0
+    code, tail = children.run(cmd, env)
+    return run, code, tail, time.monotonic() - t0
 
 
 def _train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
@@ -165,18 +192,26 @@ def _train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: 
     todo = [r for r in runs if not r.done]
     if len(todo) < len(runs):
         log(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished (skipped)")
-    failures = []
-    with Bar(total=len(todo), desc="sweep: training") as bar, ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = [pool.submit(_train_one, r, out, threads, device) for r in todo]
-        for fut in as_completed(futures):
-            run, code, tail, seconds = fut.result()
-            if code == 0 and run.done:
-                res = _result(run)
-                log(f"sweep: {run.key} done in {seconds:.0f} s: test top-1 {100 * res['test_top1']:.2f}%")
-            else:
-                failures.append(f"{run.key}: {tail}")
-                log(f"sweep: {run.key} FAILED (exit {code}): {tail}")
-            bar.update(1, info=run.key)
+    failures: list[str] = []
+    children = _Children()
+    pool = ThreadPoolExecutor(max(1, jobs))
+    try:
+        with Bar(total=len(todo), desc="sweep: training") as bar:
+            futures = [pool.submit(_train_one, r, out, threads, device, children) for r in todo]
+            for fut in as_completed(futures):
+                run, code, tail, seconds = fut.result()
+                if code == 0 and run.done:
+                    res = _result(run)
+                    log(f"sweep: {run.key} done in {seconds:.0f} s: test top-1 {100 * res['test_top1']:.2f}%")
+                else:
+                    failures.append(f"{run.key}: {tail}")
+                    log(f"sweep: {run.key} FAILED (exit {code}): {tail}")
+                bar.update(1, info=run.key)
+    except BaseException:  # Ctrl-C, SIGTERM: no queued run starts, the running ones stop (resumable)
+        children.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return failures
 
 
