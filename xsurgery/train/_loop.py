@@ -44,7 +44,7 @@ from ..errors import UserError
 from ._distributed import Dist
 from ._recipe import Recipe, ScheduleSpec, recipe_to_yaml
 from ._results import best_epoch, checkpoint_writer, eval_loader, evaluate, write_result
-from ._state import BEST, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
+from ._state import BEST, RECIPE_FILE, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
 __all__ = ["build_model", "lr_at", "train"]
 
@@ -103,12 +103,15 @@ def _seed_all(seed: int, epoch: int, rank: int) -> None:
 
 
 def _check_resume(recipe: Recipe, run: Run) -> None:
-    import yaml
+    from .._util.io import read_limited
+    from .._util.text import load_yaml
 
     if not os.path.isfile(run.recipe):
         return
-    with open(run.recipe, encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
+    raw = read_limited(run.recipe, 1 << 20, "saved recipe")
+    saved = load_yaml(raw.decode("utf-8", errors="replace"), f"saved recipe {run.recipe}") or {}
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {run.folder}: {RECIPE_FILE} is not a recipe mapping; start again with --force")
     now = recipe.to_dict()
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
