@@ -152,7 +152,6 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     from ..surgery import SurgerySpec, apply_surgery
 
     manifest = read_manifest(path)
-    manifest = read_manifest(path)
     try:
         tensors = load_file(path, device="cpu")
     except Exception as exc:  # safetensors raises its own error types
@@ -181,6 +180,10 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     except RuntimeError as exc:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2]
         raise UserError(f"{path}: weights do not match the model its manifest describes ({' '.join(first)[:160]})") from exc
+    entries = {d["name"]: d for d in manifest.get("layers", [])}
+    for n, m in built.named_modules():
+        if isinstance(m, X_LAYERS):  # in range, distinct per block, the recorded D and G: not only the digests
+            _manifest.check_index(path, n, m, entries.get(n))
     recorded = {d["name"]: d["index_hash"] for d in manifest.get("layers", [])}
     found = {n: m.graph.hash() for n, m in built.named_modules() if isinstance(m, X_LAYERS)}
     if recorded != found:

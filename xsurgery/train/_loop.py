@@ -142,18 +142,22 @@ def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, 
                         f"set model.kwargs.num_classes={num_classes}")
 
 
-def _open(recipe: Recipe, resume: bool, force: bool) -> Run:
-    """Before any process group: the output folder may be written (and resumed) as asked."""
+def _open(recipe: Recipe, resume: bool, force: bool) -> tuple[Run, bool]:
+    """Before any process group: the output folder may be written (and resumed) as asked;
+    returns it and whether there is an epoch to resume from."""
     run = Run(recipe.output_dir)
     if resume and force:
         raise UserError("--resume and --force exclude each other")
     # rank 0 holds the folder's lock; the other ranks would see it as another run's
     run.check_folder(resume=resume, force=force, check_lock=int(os.environ.get("RANK", "0")) == 0)
     if resume and not run.has_checkpoint():
+        if run.unfinished():  # killed before its first commit: --resume starts it from epoch 1
+            print(f"xsurgery: {run.folder} has no finished epoch yet; starting from the first", file=sys.stderr)
+            return run, False
         raise UserError(f"nothing to resume: {run.folder} has no finished epoch ({STATE_JSON})")
     if resume:
         _check_resume(recipe, run)
-    return run
+    return run, resume
 
 
 class _Trainer:
@@ -370,7 +374,7 @@ def train(
         UserError: bad set-up, existing outputs, or a non-finite loss (the last good
             checkpoint is kept).
     """
-    run = _open(recipe, resume, force)
+    run, resume = _open(recipe, resume, force)
     dist = Dist(device)
     held = contextlib.ExitStack()
     try:
