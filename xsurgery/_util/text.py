@@ -21,6 +21,7 @@ from ..errors import UserError
 __all__ = ["MAX_YAML_BYTES", "load_yaml", "safe_repr", "safe_text"]
 
 MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
 
 
 def _escape_char(ch: str) -> str:
@@ -88,9 +89,17 @@ def load_yaml(text: str | bytes, what: str) -> Any:
     if len(text) > MAX_YAML_BYTES:
         raise UserError(f"{what} is larger than {MAX_YAML_BYTES >> 20} MiB; shorten it")
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # lazily: stops at the first problem
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise UserError(f"{what} uses a YAML anchor or alias (&/*); write the values out instead")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise UserError(f"{what} is nested deeper than {MAX_YAML_DEPTH} levels; "
+                                    f"a plan or recipe is a few levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         return yaml.safe_load(text)
     except UserError:
         raise

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._util.text import safe_text
+from .._util.text import safe_repr, safe_text
 from ..errors import UserError
 
 __all__ = ["check_index", "check_finite", "check_source", "read_bounded", "validate", "verify_weights", "weights_digest"]
@@ -76,7 +76,7 @@ def read_header(path: str) -> dict[str, Any]:
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and 0 <= o <= size for o in offsets)
                 and offsets[0] <= offsets[1]):
-            raise _fail(path, f"tensor {safe_text(name, 80)} has no valid data_offsets")
+            raise _fail(path, f"tensor {safe_repr(name, 80)} has no valid data_offsets")
         data_end = max(data_end, offsets[1])
     if 8 + n + data_end != size:
         # safetensors accepts trailing bytes; a checkpoint is exactly header + tensor data
@@ -160,7 +160,7 @@ def validate(manifest: dict[str, Any], path: str) -> None:
     if surgery is not None:
         plan = surgery.get("plan", [])
         if isinstance(plan, str):
-            raise UserError(f"{path}: the manifest's surgery plan names a file ({safe_text(plan, 80)}); a checkpoint's plan "
+            raise UserError(f"{path}: the manifest's surgery plan names a file ({safe_repr(plan, 80)}); a checkpoint's plan "
                             f"is stored inline and no file it names is read")
         _need(isinstance(plan, list) and all(isinstance(r, dict) for r in plan), path,
               "manifest surgery.plan must be a list of rules")
@@ -264,22 +264,22 @@ def check_source(source: dict[str, Any], path: str, *, trust_source: bool = Fals
     kwargs = source.get("model_kwargs") or {}
     if not _json_only(kwargs):
         raise _fail(path, "model_kwargs must hold only JSON values")
+    if os.path.isfile(name) or name.endswith((".xs", ".safetensors", ".onnx", ".pt", ".pth")):
+        raise UserError(f"{path}: its manifest names another file ({safe_repr(name, 80)}) as its model source; "
+                        f"a checkpoint never loads another file")
+    if ":" in name:
+        if trust_source:
+            return
+        raise UserError(f"{path}: its model source is the import path {safe_repr(name, 80)}, which would run code the "
+                        f"file names; {CONSENT}")
     fetching = sorted(k for k in kwargs if _fetching(k))
     if fetching:
         raise UserError(f"{path}: its model_kwargs set {safe_text(', '.join(fetching), 80)}, which would choose "
                         f"weights or files to fetch; a checkpoint carries its own weights and never downloads. "
                         f"Build the model yourself and call xsurgery.load(path, model=...) if you need them")
-    if os.path.isfile(name) or name.endswith((".xs", ".safetensors", ".onnx", ".pt", ".pth")):
-        raise UserError(f"{path}: its manifest names another file ({safe_text(name, 80)}) as its model source; "
-                        f"a checkpoint never loads another file")
-    if ":" in name:
-        if trust_source:
-            return
-        raise UserError(f"{path}: its model source is the import path {safe_text(name, 80)}, which would run code the "
-                        f"file names; {CONSENT}")
     factory = _factory(name)
     if factory is None:
-        raise UserError(f"{path}: its model source {safe_text(name, 80)} is not a torchvision, timm, hf/ or zoo model here; "
+        raise UserError(f"{path}: its model source {safe_repr(name, 80)} is not a torchvision, timm, hf/ or zoo model here; "
                         f"{CONSENT}")
     if factory == "hf" or not kwargs:
         return
@@ -287,7 +287,7 @@ def check_source(source: dict[str, Any], path: str, *, trust_source: bool = Fals
     if accepted is not None:
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            raise UserError(f"{path}: model {safe_text(name, 80)} takes no keyword argument(s) {', '.join(unknown)[:120]}; "
+            raise UserError(f"{path}: model {safe_repr(name, 80)} takes no keyword argument(s) {', '.join(unknown)[:120]}; "
                             f"the manifest's model_kwargs were altered")
 
 
@@ -322,7 +322,7 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, *, allow_nonfinite
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
-                raise UserError(f"{what}: tensor {safe_text(name, 80)} holds {bad} NaN/inf value(s); pass {flag} to accept that")
+                raise UserError(f"{what}: tensor {safe_repr(name, 80)} holds {bad} NaN/inf value(s); pass {flag} to accept that")
 
 
 def verify_weights(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: str, *,
@@ -333,16 +333,16 @@ def verify_weights(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], p
     if digest is None:
         raise _fail(path, "its manifest has no weights digest (written by an older xsurgery? save it again)")
     if digest.get("algorithm") != DIGEST_ALGORITHM:
-        raise _fail(path, f"unknown weights digest algorithm {safe_text(str(digest.get('algorithm')), 40)}")
+        raise _fail(path, f"unknown weights digest algorithm {safe_repr(str(digest.get('algorithm')), 40)}")
     table = digest["tensors"]
     missing, extra = sorted(set(table) - set(tensors)), sorted(set(tensors) - set(table))
     if missing or extra:
         name = (missing or extra)[0]
-        raise _fail(path, f"tensor {safe_text(name, 80)} is {'missing from the file' if missing else 'not in the manifest digest'}")
+        raise _fail(path, f"tensor {safe_repr(name, 80)} is {'missing from the file' if missing else 'not in the manifest digest'}")
     for name in sorted(tensors):
         rec = table[name]
         if not isinstance(rec, dict) or rec.get("sha256") != tensor_digest(tensors[name]):
-            raise _fail(path, f"tensor {safe_text(name, 80)} does not match its sha256 in the manifest")
+            raise _fail(path, f"tensor {safe_repr(name, 80)} does not match its sha256 in the manifest")
     check_finite(tensors, path, allow_nonfinite=allow_nonfinite)
 
 
@@ -352,7 +352,7 @@ def check_index(path: str, name: str, layer: Any, recorded: dict[str, Any] | Non
     degree and blocks the manifest records for the layer."""
     d, g, n = layer.degree, layer.blocks, layer.in_features
     index = layer.index.detach().to("cpu")
-    where = f"layer {safe_text(name, 80)}"
+    where = f"layer {safe_repr(name, 80)}"
     if recorded is not None:
         for key, have in (("degree", d), ("blocks", g)):
             if recorded.get(key) is not None and recorded[key] != have:

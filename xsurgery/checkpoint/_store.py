@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..layers import X_LAYERS
 from . import _manifest
 
-__all__ = ["FORMAT", "is_checkpoint_path", "load", "read_manifest", "resolve_model", "save", "write_atomic"]
+__all__ = ["FORMAT", "is_checkpoint_path", "load", "load_dense", "read_manifest", "resolve_model", "save", "write_atomic"]
 
 CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
 
@@ -209,6 +209,13 @@ def _rebuild(path: str, manifest: dict[str, Any], *, trust_source: bool = False)
                         f"model: xsurgery.load(path, model=...) or --model pkg.mod:factory")
     _manifest.check_source(src, path, trust_source=trust_source)
     return create_model(name, src.get("model_kwargs") or {}, pretrained=False)
+
+
+def load_dense(path: str, *, trust_source: bool = False, allow_nonfinite: bool = False) -> nn.Module:
+    """The dense architecture a checkpoint was converted from (random weights), for a baseline
+    such as ``xsurgery bench``: the file is first loaded and checked as :func:`load` does."""
+    load(path, trust_source=trust_source, allow_nonfinite=allow_nonfinite)
+    return _rebuild(path, read_manifest(path), trust_source=trust_source)
 
 
 def resolve_model(
