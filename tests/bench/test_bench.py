@@ -269,8 +269,9 @@ def test_thin_refuses_models_whose_channels_do_not_line_up():
         thin(model, 0.3, torch.randn(1, 3, 4, 4), _call)
 
 
-def test_openvino_backend_times_files_tuned_there():
+def test_openvino_backend_times_files_tuned_there(monkeypatch):
     pytest.importorskip("openvino")
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "export"))
     from test_export_runtime import isolated  # OpenVINO in a child process (see there)
 
     isolated(_check_openvino_backend)

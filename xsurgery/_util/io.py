@@ -17,15 +17,17 @@ import errno
 import json
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import UserError
+from .text import safe_text
 
-__all__ = ["check_output", "link_atomic", "os_error", "remove_stale_temps", "signals_raise", "write_atomic", "write_bytes",
-           "write_json", "write_text"]
+__all__ = ["check_output", "link_atomic", "os_error", "read_limited", "remove_stale_temps", "signals_raise", "write_atomic",
+           "write_bytes", "write_json", "write_text"]
 
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 60.0  # a temp file of a dead process older than this is an orphan
@@ -51,17 +53,56 @@ def os_error(path: str, exc: OSError) -> UserError:
 
 def check_output(path: str, *, force: bool = False) -> None:
     """Refuse before any work when ``path`` cannot be written: exists without ``force``,
-    is a folder, or its folder is missing or not writable."""
+    is a folder or anything but a regular file (a device, FIFO, socket or symlink: even with
+    ``force``, since replacing it destroys it), its name is not UTF-8 (it could not be named
+    back), or its folder is missing or not writable."""
     path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"output name {safe_text(path)} is not valid UTF-8; choose a plain name") from None
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; name the file to write")
-    if os.path.lexists(path) and not force:
+        raise UserError(f"{safe_text(path)} is a folder; name the file to write")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{safe_text(path)} exists and is not a regular file (a device, FIFO, socket or link); "
+                        f"xsurgery replaces only regular files: choose a new name")
+    if st is not None and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: folder {folder} is not writable; choose a folder you can write to")
+
+
+def read_limited(path: str, max_bytes: int, what: str) -> bytes:
+    """The bytes of the regular file ``path``, refused (one line, never blocking) when it is
+    missing, not a regular file (a FIFO, device or socket would block or never end) or larger
+    than ``max_bytes``."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {safe_text(path)}: {exc.strerror or type(exc).__name__}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{what} {safe_text(path)} is not a regular file (a FIFO, device or folder); give a file")
+        if st.st_size > max_bytes:
+            raise UserError(f"{what} {safe_text(path)} is larger than {max_bytes} bytes; give a shorter file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read {what} {safe_text(path)}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{what} {safe_text(path)} is larger than {max_bytes} bytes; give a shorter file")
+    return data
 
 
 def write_atomic(path: str, write: Callable[[str], Any], *, force: bool = False) -> None:
@@ -91,6 +132,8 @@ def write_atomic(path: str, write: Callable[[str], Any], *, force: bool = False)
         os.chmod(temp.name, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other file
         if not force and os.path.lexists(path):  # appeared while we wrote: still no silent overwrite
             raise UserError(f"{path} exists; pass --force to overwrite it")
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):  # appeared while we wrote
+            raise UserError(f"{safe_text(path)} is not a regular file; xsurgery replaces only regular files")
         os.replace(temp.name, path)
         temp.name = None
 

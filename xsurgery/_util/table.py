@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .text import safe_text
+
 __all__ = ["FORMATS", "Grid", "collapse_rows", "emit_grid", "emit_json", "fit_grid", "grid_lines", "human",
            "print_grid"]
 
@@ -92,7 +94,7 @@ class Grid:
 
     def markdown(self) -> str:
         """A GitHub Markdown table (``|`` in cells escaped)."""
-        esc = [[c.replace("|", "\\|") for c in row] for row in [self.columns, *self.rows]]
+        esc = [[_esc(c).replace("|", "\\|") for c in row] for row in [self.columns, *self.rows]]
         align = ["---:" if h in self.right else "---" for h in self.columns]
         lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(align) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
@@ -101,8 +103,8 @@ class Grid:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(self.columns)
-        w.writerows(self.rows)
+        w.writerow([_esc(c) for c in self.columns])
+        w.writerows([[_esc(c) for c in r] for r in self.rows])
         return buf.getvalue()
 
 
@@ -143,7 +145,7 @@ def _console(console=None):
 def _print_line(console, text: str, style: str | None = None, bold: bool = False) -> None:
     from rich.text import Text
 
-    t = Text(text, style=style or "")
+    t = Text(_esc(text), style=style or "")
     if bold:
         t.stylize("bold")
     # soft_wrap: no wrapping, no cropping; a line wider than the console runs past it
@@ -159,8 +161,25 @@ def _print_note(console, note: str, width: int | None) -> None:
         _print_line(console, line)
 
 
+def _esc(text: Any) -> str:
+    """A cell or line with control characters and line breaks escaped, never cut."""
+    text = text if isinstance(text, str) else str(text)
+    return safe_text(text, max(len(text), 1))
+
+
+def _escaped(grid: Grid) -> Grid:
+    """``grid`` with every cell, header, title and note escaped (names and metadata read from a
+    file never put a control character or a line break on the terminal)."""
+    esc = _esc
+
+    return replace(grid, columns=[esc(c) for c in grid.columns], rows=[[esc(c) for c in r] for r in grid.rows],
+                   title=esc(grid.title) if grid.title else grid.title, notes=[esc(n) for n in grid.notes],
+                   right=frozenset(esc(c) for c in grid.right))
+
+
 def print_grid(grid: Grid, console=None, width: int | None = None) -> None:
     """Print ``grid`` as aligned text (styles on a terminal), then its notes. Nothing is cut."""
+    grid = _escaped(grid)
     console = _console(console)
     if grid.title:
         _print_line(console, grid.title, bold=True)
@@ -195,6 +214,7 @@ def emit_grid(grid: Grid, fmt: str = "table", console=None, width: int | None = 
     ``moved``: per column, the notes that say what it said once it is dropped (those columns
     are not listed as left out)."""
     moved = moved or {}
+    grid = _escaped(grid)
     console = _console(console)
     if fmt == "json":
         payload = data if data is not None else [dict(zip(grid.columns, r)) for r in grid.rows]

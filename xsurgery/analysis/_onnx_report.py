@@ -17,6 +17,7 @@ import math
 import os
 from typing import Any
 
+from .._util.text import safe_text
 from ..errors import UserError
 
 __all__ = ["onnx_report"]
@@ -98,11 +99,7 @@ def onnx_report(path: str):
 
     model = _load(path)
     meta = {p.key[len(_META):]: p.value for p in model.metadata_props if p.key.startswith(_META)}
-    try:
-        xlayers = {d["name"]: d for d in json.loads(meta.get("layers", "[]")) if isinstance(d, dict) and "name" in d}
-        input_shape = json.loads(meta.get("input_shape", "[]"))
-    except (json.JSONDecodeError, TypeError):
-        raise UserError(f"{path}: its xsurgery metadata is not valid JSON; re-export the model") from None
+    xlayers, input_shape = _metadata(path, meta)
     shapes = _shapes(model)
     inits = {t.name: t for t in model.graph.initializer}
     rows: dict[str, LayerRow] = {}
@@ -111,7 +108,7 @@ def onnx_report(path: str):
     stored: dict[str, set[str]] = {}  # X-layer -> float initializers its nodes read (weight, bias)
     for node in model.graph.node:
         scope = _scope_name(node.name)
-        owner = next((n for n in xlayers if scope == n or scope.startswith(n + ".")), None)
+        owner = _owner(scope, xlayers)
         if owner is not None:
             names = (alias.get(i, i) for i in node.input)
             stored.setdefault(owner, set()).update(i for i in names if i in inits and
@@ -146,7 +143,7 @@ def onnx_report(path: str):
         if row is None:  # the layer never ran on the example at export
             row = rows[name] = LayerRow(name=name, kind="conv")
             order.append(row)
-        degree, cin, cout = int(d.get("degree", 0)), int(d.get("in", 0)), int(d.get("out", 0))
+        degree, cin, cout = d.get("degree", 0), d.get("in", 0), d.get("out", 0)
         area = math.prod(row.kernel) if row.kernel else 1
         dense = d.get("layout") == "dense"
         executed = row.macs_before
@@ -166,10 +163,52 @@ def onnx_report(path: str):
         params_after -= row.params_before - row.params_after if dense else 0
         extra += row.params_before - row.params_after
     batch_free = [v for v in input_shape[1:] if isinstance(v, int)]
-    rep = Report(model=str(meta.get("source_model") or os.path.basename(path)), input_size=batch_free,
+    rep = Report(model=safe_text(meta.get("source_model") or os.path.basename(path), 200), input_size=batch_free,
                  layers=order, params_before=params_after + extra, params_after=params_after)
-    rep.method = f"onnx {meta.get('layout', '?')} layout" if meta else "onnx (no xsurgery metadata)"
+    rep.method = f"onnx {safe_text(meta.get('layout', '?'), 40)} layout" if meta else "onnx (no xsurgery metadata)"
     return rep
+
+
+def _owner(scope: str, xlayers: dict[str, Any]) -> str | None:
+    """The X-layer a node's scope lies in (``scope`` itself or a dotted prefix of it): one
+    dictionary look-up per scope level, so the report is linear in the node count."""
+    if not xlayers or not scope:
+        return None
+    parts = scope.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in xlayers:
+            return name
+    return None
+
+
+_INT_KEYS = ("degree", "in", "out", "blocks")
+MAX_META_DIM = 1 << 31
+
+
+def _metadata(path: str, meta: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+    """The ``xsurgery.layers`` and ``xsurgery.input_shape`` metadata, type-checked: a file
+    whose metadata has the wrong types gets one line, not a traceback."""
+    bad = UserError(f"{path}: its xsurgery metadata is not what xsurgery export writes; re-export the model")
+    try:
+        layers = json.loads(meta.get("layers", "[]"))
+        input_shape = json.loads(meta.get("input_shape", "[]"))
+    except (ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(layers, list) or not isinstance(input_shape, list):
+        raise bad
+    xlayers: dict[str, dict[str, Any]] = {}
+    for d in layers:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise bad
+        for key in _INT_KEYS:
+            v = d.get(key, 0 if key != "blocks" else None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_META_DIM):
+                raise bad
+        if not all(d.get(k) is None or isinstance(d[k], str) for k in ("graph", "layout")):
+            raise bad
+        xlayers[d["name"]] = d
+    return xlayers, input_shape
 
 
 _FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not indices
@@ -192,8 +231,15 @@ def _gap(index, d: dict[str, Any]) -> float | None:
         import torch
 
         blocks, degree = int(d["blocks"]), int(d["degree"])
+        if blocks < 1 or degree < 1 or math.prod(index.dims) != blocks * degree:
+            return None
         idx = torch.as_tensor(numpy_helper.to_array(index).astype("int64")).reshape(blocks, degree)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= int(d["in"])):
+            return None  # out-of-range or negative indices: no graph to measure
+        rows = idx.sort(dim=1).values
+        if degree > 1 and bool((rows[:, 1:] == rows[:, :-1]).any()):
+            return None  # an input repeated within a block: not a graph xsurgery builds
         g = BipartiteGraph(int(d["in"]), int(d["out"]), degree, blocks, idx, str(d.get("graph")), None)
         return cached_spectral_gap(g)
-    except (KeyError, ValueError, RuntimeError, TypeError):
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError):
         return None

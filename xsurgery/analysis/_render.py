@@ -37,6 +37,7 @@ from .._util.table import (
     print_grid,
 )
 from .._util.table import collapse_rows as _collapse
+from .._util.text import safe_text
 
 if TYPE_CHECKING:
     from ._count import LayerRow
@@ -296,8 +297,8 @@ def report_markdown(rep: Report, max_rows: int | None = None, show_all: bool = F
     """The report as Markdown: a title line, the full layer table, the totals and notes."""
     groups, folded, cut = _groups_for(rep, max_rows, show_all)
     grid = _report_grid(rep, groups, set())
-    out = [f"**{grid.title}**", "", grid.markdown(), "", _totals_grid(rep).markdown(), ""]
-    out += [f"{line}  " for line in _summary(rep, folded, cut) + grid.notes]
+    out = [f"**{safe_text(grid.title or '', 1 << 12)}**", "", grid.markdown(), "", _totals_grid(rep).markdown(), ""]
+    out += [f"{safe_text(line, 1 << 12)}  " for line in _summary(rep, folded, cut) + grid.notes]
     return "\n".join(out).rstrip()
 
 
@@ -316,5 +317,6 @@ def report_csv(rep: Report) -> str:
         d["kernel"] = "x".join(map(str, d["kernel"])) if d.get("kernel") else ""
         if not rep.macs_known:
             d["macs_before"] = d["macs_after"] = d["macs_executed"] = None
-        w.writerow(["" if d.get(k) is None else d.get(k) for k in CSV_FIELDS])
+        w.writerow(["" if d.get(k) is None else safe_text(d[k], 1 << 12) if isinstance(d.get(k), str) else d.get(k)
+                    for k in CSV_FIELDS])
     return buf.getvalue()

@@ -82,8 +82,10 @@ def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, thre
 def _create(model: str | nn.Module, **load_options: bool) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    from ..checkpoint import resolve_model
+    from ..checkpoint import is_checkpoint_path, load_dense, resolve_model
 
+    if is_checkpoint_path(model):  # its dense architecture: the variants are converted from it
+        return load_dense(model, **load_options)
     return resolve_model(model, **load_options)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._manifest import check_finite, weights_digest
-from ._store import FORMAT, is_checkpoint_path, load, read_manifest, resolve_model, save, write_atomic
+from ._store import FORMAT, is_checkpoint_path, load, load_dense, read_manifest, resolve_model, save, write_atomic
 
 __all__ = [
     "FORMAT",
@@ -11,6 +11,7 @@ __all__ = [
     "weights_digest",
     "is_checkpoint_path",
     "load",
+    "load_dense",
     "read_manifest",
     "resolve_model",
     "save",

@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import struct
 from typing import Any
 
 import torch
 
+from .._util.text import safe_repr, safe_text
 from ..errors import UserError
 
-__all__ = ["check_finite", "check_source", "read_bounded", "validate", "verify_weights", "weights_digest"]
+__all__ = ["check_index", "check_finite", "check_source", "read_bounded", "validate", "verify_weights", "weights_digest"]
 
 MAX_HEADER_BYTES = 64 << 20  # the whole safetensors header (tensor table + manifest)
 MAX_MANIFEST_CHARS = 16 << 20
@@ -63,17 +65,19 @@ def read_header(path: str) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: {exc.strerror}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _fail(path, f"its header is not valid JSON ({type(exc).__name__})") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a number of thousands of digits
+        raise _fail(path, f"its header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise _fail(path, "its header is not a JSON object")
     data_end = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
-            raise _fail(path, f"tensor {name!r} has no valid data_offsets")
-        data_end = max(data_end, int(entry["data_offsets"][1]))
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and 0 <= o <= size for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _fail(path, f"tensor {safe_repr(name, 80)} has no valid data_offsets")
+        data_end = max(data_end, offsets[1])
     if 8 + n + data_end != size:
         # safetensors accepts trailing bytes; a checkpoint is exactly header + tensor data
         raise _fail(path, f"it is {size} bytes but its tensors end at {8 + n + data_end} (truncated or appended)")
@@ -86,7 +90,7 @@ def _bounded(value: Any, path: str, where: str = "manifest", depth: int = 0, cou
     if count[0] > MAX_NODES:
         raise _fail(path, f"the manifest has more than {MAX_NODES} values")
     if depth > MAX_DEPTH:
-        raise _fail(path, f"{where} is nested deeper than {MAX_DEPTH}")
+        raise _fail(path, f"{safe_text(where, 80)} is nested deeper than {MAX_DEPTH}")
     if isinstance(value, str):
         if len(value) > MAX_STRING:
             raise _fail(path, f"{where} is a string of {len(value)} characters (limit {MAX_STRING})")
@@ -102,8 +106,10 @@ def _bounded(value: Any, path: str, where: str = "manifest", depth: int = 0, cou
             raise _fail(path, f"{where} has {len(value)} entries (limit {MAX_ITEMS})")
         for i, v in enumerate(value):
             _bounded(v, path, f"{where}[{i}]", depth + 1, count)
-    elif isinstance(value, float) and value != value:
-        raise _fail(path, f"{where} is NaN")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, f"{safe_text(where, 80)} is NaN or infinite")
+    elif isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise _fail(path, f"{safe_text(where, 80)} is an integer out of the 64-bit range")
 
 
 def read_bounded(path: str, meta_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,10 +123,12 @@ def read_bounded(path: str, meta_key: str) -> tuple[dict[str, Any], dict[str, An
         raise _fail(path, f"its manifest is not a string of at most {MAX_MANIFEST_CHARS} characters")
     try:
         manifest = json.loads(text)
-    except RecursionError as exc:
-        raise _fail(path, f"its manifest is nested deeper than {MAX_DEPTH}") from exc
+    except RecursionError:
+        raise _fail(path, f"its manifest is nested deeper than {MAX_DEPTH}") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: its manifest is not valid JSON ({exc.msg})") from exc
+        raise UserError(f"{path}: its manifest is not valid JSON ({exc.msg})") from None
+    except ValueError:  # an integer of thousands of digits
+        raise _fail(path, "its manifest holds a number too long to read") from None
     if not isinstance(manifest, dict):
         raise _fail(path, "its manifest is not a JSON object")
     _bounded(manifest, path)
@@ -152,7 +160,7 @@ def validate(manifest: dict[str, Any], path: str) -> None:
     if surgery is not None:
         plan = surgery.get("plan", [])
         if isinstance(plan, str):
-            raise UserError(f"{path}: the manifest's surgery plan names a file ({plan[:80]!r}); a checkpoint's plan "
+            raise UserError(f"{path}: the manifest's surgery plan names a file ({safe_repr(plan, 80)}); a checkpoint's plan "
                             f"is stored inline and no file it names is read")
         _need(isinstance(plan, list) and all(isinstance(r, dict) for r in plan), path,
               "manifest surgery.plan must be a list of rules")
@@ -165,6 +173,8 @@ def validate(manifest: dict[str, Any], path: str) -> None:
     for d in layers:
         _need(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("index_hash"), str),
               path, "every entry of manifest layers needs a name and an index_hash")
+        _need(all(d.get(k) is None or (_is_int(d[k]) and 1 <= d[k] <= MAX_ITEMS * 64) for k in ("degree", "blocks")),
+              path, "manifest layers' degree and blocks must be positive integers")
     digest = manifest.get("weights")
     _need(digest is None or (isinstance(digest, dict) and isinstance(digest.get("tensors"), dict)), path,
           "manifest weights must be an object with a tensors table")
@@ -230,6 +240,18 @@ def _accepted(fn) -> set[str] | None:
     return None
 
 
+# keyword arguments that make a library fetch or read weights (torchvision ``weights``,
+# ``weights_backbone``; timm ``pretrained``, ``pretrained_cfg``, ``checkpoint_path``; hub
+# ``repo_id``/``url``/``cache_dir`` ...): a file never chooses them
+_FETCHING_WORDS = {"weights", "pretrained", "checkpoint", "url", "urls", "hub", "cache", "download", "repo",
+                   "revision", "auth"}
+
+
+def _fetching(key: str) -> bool:
+    words = key.lower().split("_")
+    return bool(_FETCHING_WORDS & set(words)) or words[-1] in ("path", "file", "dir", "files")
+
+
 def check_source(source: dict[str, Any], path: str, *, trust_source: bool = False) -> None:
     """Refuse, before anything is imported or called, a source a file must not choose.
 
@@ -243,16 +265,21 @@ def check_source(source: dict[str, Any], path: str, *, trust_source: bool = Fals
     if not _json_only(kwargs):
         raise _fail(path, "model_kwargs must hold only JSON values")
     if os.path.isfile(name) or name.endswith((".xs", ".safetensors", ".onnx", ".pt", ".pth")):
-        raise UserError(f"{path}: its manifest names another file ({name[:80]!r}) as its model source; "
+        raise UserError(f"{path}: its manifest names another file ({safe_repr(name, 80)}) as its model source; "
                         f"a checkpoint never loads another file")
     if ":" in name:
         if trust_source:
             return
-        raise UserError(f"{path}: its model source is the import path {name[:80]!r}, which would run code the "
+        raise UserError(f"{path}: its model source is the import path {safe_repr(name, 80)}, which would run code the "
                         f"file names; {CONSENT}")
+    fetching = sorted(k for k in kwargs if _fetching(k))
+    if fetching:
+        raise UserError(f"{path}: its model_kwargs set {safe_text(', '.join(fetching), 80)}, which would choose "
+                        f"weights or files to fetch; a checkpoint carries its own weights and never downloads. "
+                        f"Build the model yourself and call xsurgery.load(path, model=...) if you need them")
     factory = _factory(name)
     if factory is None:
-        raise UserError(f"{path}: its model source {name[:80]!r} is not a torchvision, timm, hf/ or zoo model here; "
+        raise UserError(f"{path}: its model source {safe_repr(name, 80)} is not a torchvision, timm, hf/ or zoo model here; "
                         f"{CONSENT}")
     if factory == "hf" or not kwargs:
         return
@@ -260,7 +287,7 @@ def check_source(source: dict[str, Any], path: str, *, trust_source: bool = Fals
     if accepted is not None:
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            raise UserError(f"{path}: model {name!r} takes no keyword argument(s) {', '.join(unknown)[:120]}; "
+            raise UserError(f"{path}: model {safe_repr(name, 80)} takes no keyword argument(s) {', '.join(unknown)[:120]}; "
                             f"the manifest's model_kwargs were altered")
 
 
@@ -295,7 +322,7 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, *, allow_nonfinite
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
-                raise UserError(f"{what}: tensor {name!r} holds {bad} NaN/inf value(s); pass {flag} to accept that")
+                raise UserError(f"{what}: tensor {safe_repr(name, 80)} holds {bad} NaN/inf value(s); pass {flag} to accept that")
 
 
 def verify_weights(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: str, *,
@@ -306,14 +333,34 @@ def verify_weights(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], p
     if digest is None:
         raise _fail(path, "its manifest has no weights digest (written by an older xsurgery? save it again)")
     if digest.get("algorithm") != DIGEST_ALGORITHM:
-        raise _fail(path, f"unknown weights digest algorithm {str(digest.get('algorithm'))[:40]!r}")
+        raise _fail(path, f"unknown weights digest algorithm {safe_repr(str(digest.get('algorithm')), 40)}")
     table = digest["tensors"]
     missing, extra = sorted(set(table) - set(tensors)), sorted(set(tensors) - set(table))
     if missing or extra:
         name = (missing or extra)[0]
-        raise _fail(path, f"tensor {name!r} is {'missing from the file' if missing else 'not in the manifest digest'}")
+        raise _fail(path, f"tensor {safe_repr(name, 80)} is {'missing from the file' if missing else 'not in the manifest digest'}")
     for name in sorted(tensors):
         rec = table[name]
         if not isinstance(rec, dict) or rec.get("sha256") != tensor_digest(tensors[name]):
-            raise _fail(path, f"tensor {name!r} does not match its sha256 in the manifest")
+            raise _fail(path, f"tensor {safe_repr(name, 80)} does not match its sha256 in the manifest")
     check_finite(tensors, path, allow_nonfinite=allow_nonfinite)
+
+
+def check_index(path: str, name: str, layer: Any, recorded: dict[str, Any] | None) -> None:
+    """An X-layer's loaded index buffer, checked for itself whatever the digests say: ``G*D``
+    entries, every one an input in range, the ``D`` inputs of each block distinct, and the
+    degree and blocks the manifest records for the layer."""
+    d, g, n = layer.degree, layer.blocks, layer.in_features
+    index = layer.index.detach().to("cpu")
+    where = f"layer {safe_repr(name, 80)}"
+    if recorded is not None:
+        for key, have in (("degree", d), ("blocks", g)):
+            if recorded.get(key) is not None and recorded[key] != have:
+                raise _fail(path, f"{where} records {key} {recorded[key]} but its surgery gives {have}")
+    if index.is_floating_point() or index.is_complex() or index.numel() != g * d:
+        raise _fail(path, f"{where}'s index has {index.numel()} entries, not blocks x degree = {g} x {d}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise _fail(path, f"{where}'s index holds inputs outside 0..{n - 1}")
+    rows = index.reshape(g, d).sort(dim=1).values
+    if d > 1 and bool((rows[:, 1:] == rows[:, :-1]).any()):
+        raise _fail(path, f"{where}'s index repeats an input within a block")

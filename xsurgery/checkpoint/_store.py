@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..layers import X_LAYERS
 from . import _manifest
 
-__all__ = ["FORMAT", "is_checkpoint_path", "load", "read_manifest", "resolve_model", "save", "write_atomic"]
+__all__ = ["FORMAT", "is_checkpoint_path", "load", "load_dense", "read_manifest", "resolve_model", "save", "write_atomic"]
 
 CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
 
@@ -152,7 +152,6 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     from ..surgery import SurgerySpec, apply_surgery
 
     manifest = read_manifest(path)
-    manifest = read_manifest(path)
     try:
         tensors = load_file(path, device="cpu")
     except Exception as exc:  # safetensors raises its own error types
@@ -181,6 +180,10 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     except RuntimeError as exc:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2]
         raise UserError(f"{path}: weights do not match the model its manifest describes ({' '.join(first)[:160]})") from exc
+    entries = {d["name"]: d for d in manifest.get("layers", [])}
+    for n, m in built.named_modules():
+        if isinstance(m, X_LAYERS):  # in range, distinct per block, the recorded D and G: not only the digests
+            _manifest.check_index(path, n, m, entries.get(n))
     recorded = {d["name"]: d["index_hash"] for d in manifest.get("layers", [])}
     found = {n: m.graph.hash() for n, m in built.named_modules() if isinstance(m, X_LAYERS)}
     if recorded != found:
@@ -206,6 +209,13 @@ def _rebuild(path: str, manifest: dict[str, Any], *, trust_source: bool = False)
                         f"model: xsurgery.load(path, model=...) or --model pkg.mod:factory")
     _manifest.check_source(src, path, trust_source=trust_source)
     return create_model(name, src.get("model_kwargs") or {}, pretrained=False)
+
+
+def load_dense(path: str, *, trust_source: bool = False, allow_nonfinite: bool = False) -> nn.Module:
+    """The dense architecture a checkpoint was converted from (random weights), for a baseline
+    such as ``xsurgery bench``: the file is first loaded and checked as :func:`load` does."""
+    load(path, trust_source=trust_source, allow_nonfinite=allow_nonfinite)
+    return _rebuild(path, read_manifest(path), trust_source=trust_source)
 
 
 def resolve_model(

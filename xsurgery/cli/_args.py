@@ -14,18 +14,63 @@ from ..errors import UserError
 from ..graphs import list_graphs
 from ..layers import SparsityConfig
 
-__all__ = ["add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args", "add_trust_args", "budget_kwargs",
-           "example_arg", "load_options", "surgery_kwargs", "table_options"]
+__all__ = ["MAX_SEED", "MAX_THREADS", "add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args",
+           "add_trust_args", "budget_kwargs", "example_arg", "load_options", "surgery_kwargs", "table_options"]
+
+
+MAX_THREADS = 4096  # intra-op threads: far beyond any machine, far below what a runtime can start
+MAX_SEED = 2**63 - 1  # torch's and numpy's generators take 64-bit seeds
+MAX_KWARGS_DEPTH = 12
+MAX_KWARGS_CHARS = 1 << 16
+
+
+def _depth(value: Any, limit: int, depth: int = 0) -> bool:
+    """True when ``value`` (parsed JSON) nests no deeper than ``limit``."""
+    if depth > limit:
+        return False
+    if isinstance(value, dict):
+        return all(_depth(v, limit, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_depth(v, limit, depth + 1) for v in value)
+    return True
 
 
 def _json_arg(text: str) -> dict[str, Any]:
+    if len(text) > MAX_KWARGS_CHARS:
+        raise argparse.ArgumentTypeError(f"--model-kwargs is longer than {MAX_KWARGS_CHARS} characters; "
+                                         "give a few keyword arguments")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (RecursionError, ValueError) as exc:
+        if not isinstance(exc, json.JSONDecodeError):
+            raise argparse.ArgumentTypeError(f"--model-kwargs is nested deeper than {MAX_KWARGS_DEPTH} levels or holds "
+                                             "an unreadable number; give plain keyword arguments") from None
         raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}' ({exc.msg})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object such as '{\"num_classes\": 10}'")
+    if not _depth(value, MAX_KWARGS_DEPTH):
+        raise argparse.ArgumentTypeError(f"--model-kwargs is nested deeper than {MAX_KWARGS_DEPTH} levels; "
+                                         "give plain keyword arguments")
     return value
+
+
+def bounded_int(low: int, high: int, what: str):
+    """An argparse type: an integer in ``low..high`` (a one-line error naming the range otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer in {low}..{high}, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer in {low}..{high}, got {text[:40]}")
+        return value
+
+    parse.__name__ = what.lstrip("-")
+    return parse
+
+
+seed_arg = bounded_int(-MAX_SEED - 1, MAX_SEED, "--seed")
+threads_arg = bounded_int(1, MAX_THREADS, "--threads")
 
 
 def _positive_float(text: str) -> float:
@@ -105,7 +150,7 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
                    help="chain: the widest layer of each chain of converted layers (and a layer "
                         "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "
                         "the graph at every layer; auto (default): chain at mixing 1, else every")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0)
     g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],
                    help="kinds to convert: pointwise conv linear (default: all)")

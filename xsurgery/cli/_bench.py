@@ -23,14 +23,15 @@ from ..errors import UserError
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery bench``."""
-    from ._args import add_trust_args
+    from ._args import add_trust_args, threads_arg
 
     p = subparsers.add_parser("bench", help="time a model's X variants against dense and grouped (ratios)",
                               description=__doc__)
-    p.add_argument("model", help="torchvision/timm name, import path or checkpoint")
+    p.add_argument("model", help="torchvision/timm name, import path or checkpoint (the dense architecture it was "
+                                          "converted from is the baseline)")
     p.add_argument("--compress", type=float, nargs="+", required=True, help="one or more compressions C")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=ALL_BACKENDS,
                    help="default torch, torch-train, ort; add openvino (optional dependency)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,

@@ -34,7 +34,7 @@ def _cmd_export(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``xsurgery export MODEL -o OUT.onnx``."""
-    from ._args import add_model_args
+    from ._args import add_model_args, threads_arg
 
     p = subparsers.add_parser("export", help="export to ONNX (Gather + grouped Conv), verified in ONNX Runtime")
     add_model_args(p, checkpoint_ok=True)
@@ -49,7 +49,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--benchmark", action="store_true", help="time ORT latency against the dense original")
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="the runtime auto tunes the layout in, and verifies/benchmarks with (openvino: optional)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT intra-op threads (default ORT's)")
+    p.add_argument("--threads", type=threads_arg, default=None, metavar="N", help="ORT intra-op threads (default ORT's)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="the result as JSON: on stdout (and nothing else) without FILE, else to FILE")

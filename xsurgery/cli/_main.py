@@ -32,10 +32,14 @@ from ._train import add_cli as train_cli
 
 __all__ = ["main"]
 
+MAX_ERROR = 1000  # characters of an error line
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"xsurgery: error: {message} (see `{self.prog} --help`)\n")
+        from .._util.text import safe_text
+
+        self.exit(2, f"xsurgery: error: {safe_text(message, MAX_ERROR)} (see `{self.prog} --help`)\n")
 
 
 def _emit_json(data: Any, target: str | None, force: bool = False) -> None:
@@ -282,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"xsurgery: error: {exc}", file=sys.stderr)
+        from .._util.text import safe_text
+
+        # one line whatever the message holds: names and values read from files are escaped
+        print(f"xsurgery: error: {safe_text(str(exc), MAX_ERROR)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xsurgery: interrupted", file=sys.stderr)

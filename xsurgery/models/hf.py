@@ -9,12 +9,14 @@ so that outputs are plain tensors (exportable). transformers is optional (``xsur
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._util.text import safe_repr, safe_text
 from ..errors import UserError
 
 __all__ = ["SHORT_NAMES", "create_hf_model"]
@@ -59,7 +61,7 @@ def _config_class(tf, name: str):
     close = difflib.get_close_matches(key, list(SHORT_NAMES) + list(mapping.keys()), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join('hf/' + c for c in close)}?" if close else \
         f"; short names: {', '.join('hf/' + n for n in SHORT_NAMES)}, or any transformers model_type"
-    raise UserError(f"unknown Hugging Face model {name!r}{hint}")
+    raise UserError(f"unknown Hugging Face model {safe_repr(name)}{hint}")
 
 
 def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
@@ -87,6 +89,7 @@ def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretr
     if unknown:
         raise UserError(f"hf/{name}: {config_cls.__name__} has no field(s) {', '.join(unknown)}; "
                         f"see {config_cls.__name__}() for the fields")
+    _check_fields(name, config_cls.__name__, default, kwargs)
     small = {k: v for k, v in SMALL.get(name.lower(), {}).items() if k not in kwargs}
     if small:
         print(f"note: hf/{name}: the default {config_cls.__name__} is full-size; building a small one "
@@ -105,11 +108,48 @@ def create_hf_model(name: str, model_kwargs: dict[str, Any] | None = None, pretr
         config._attn_implementation = "eager"  # plain matmuls: counted by the report and FlopCounterMode
         with torch.device("meta"):  # counted without allocating: refuse what cannot fit, in one line
             n_params = sum(p.numel() for p in build().parameters())
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"hf/{name}: {config_cls.__name__} rejected --model-kwargs {kwargs}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    except UserError:
+        raise
+    except Exception as exc:  # a config value the library cannot build with (an unknown activation, ...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"hf/{name}: {config_cls.__name__} rejected --model-kwargs {safe_repr(kwargs)}: "
+                        f"{safe_text(first, 160)}") from None
     _check_size(name, config_cls.__name__, n_params, bool(kwargs))
     return build().eval()
+
+
+MAX_LAYERS = 1024  # a count of layers, blocks or experts beyond any real model
+MAX_INT_FIELD = 1 << 31  # any other integer config field (sizes, vocabularies, positions)
+_COUNTS = ("layers", "layer", "blocks", "experts", "depth")
+
+
+def _check_fields(name: str, config_name: str, default: Any, kwargs: dict[str, Any]) -> None:
+    """Bound config overrides (from --model-kwargs and from a checkpoint's manifest alike)
+    before anything is built: a field keeps its default's type (no ``"2"`` for an integer),
+    a count of layers is at most :data:`MAX_LAYERS`, any integer at most
+    :data:`MAX_INT_FIELD`, and a size the default has positive (``vocab_size``,
+    ``num_attention_heads``) stays positive."""
+    for key, value in kwargs.items():
+        base = getattr(default, key, None)
+        where = f"hf/{name}: {config_name} field {safe_text(key, 60)}"
+        if isinstance(base, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"{where} must be true or false, got {safe_repr(value)}")
+        elif isinstance(base, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{where} must be an integer, got {safe_repr(value)}")
+            words = key.lower().split("_")
+            top = MAX_LAYERS if any(w in _COUNTS for w in words) else MAX_INT_FIELD
+            low = 1 if base >= 1 else -1
+            if not low <= value <= top:
+                raise UserError(f"{where} must be in {low}..{top}, got {safe_repr(value)}; "
+                                f"give a size a model can have")
+        elif isinstance(base, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) > MAX_INT_FIELD:
+                raise UserError(f"{where} must be a finite number, got {safe_repr(value)}")
+        elif isinstance(base, str) and not isinstance(value, str):
+            raise UserError(f"{where} must be a string, got {safe_repr(value)}")
 
 
 def _memory_bytes() -> int | None:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .._util.io import read_limited
+from .._util.text import load_yaml, safe_repr, safe_text
 from ..errors import UserError
 from ..graphs import BipartiteGraph, list_graphs
 from ..layers import EXECUTIONS, INITS, MIX_POINTS, SparsityConfig
@@ -33,12 +35,12 @@ MAX_PLAN_BYTES = 1 << 20
 def check_pattern(pattern: Any, where: str) -> None:
     """A glob or ``re:<regex>`` that compiles (a bad regex is a one-line error, not re.error)."""
     if not isinstance(pattern, str) or not pattern:
-        raise UserError(f"{where}: a pattern must be a non-empty string, got {pattern!r}")
+        raise UserError(f"{where}: a pattern must be a non-empty string, got {safe_repr(pattern)}")
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
         except re.error as exc:
-            raise UserError(f"{where}: {pattern!r} is not a valid regular expression ({exc}); "
+            raise UserError(f"{where}: {safe_repr(pattern)} is not a valid regular expression ({exc}); "
                             f"fix it or use a glob such as 'layer*.conv1'") from None
 
 
@@ -46,16 +48,16 @@ def _check_values(where: str, compress: Any, degree: Any, mixing: Any, graph: An
     """compress >= 1, degree and mixing positive integers, a registered graph (None: not set)."""
     prefix = "--" if where == "" else f"{where}: "
     if compress is not None:
-        if isinstance(compress, bool) or not isinstance(compress, (int, float)) or not math.isfinite(compress) \
-                or compress < 1:
-            raise UserError(f"{prefix}compress must be a number >= 1 (1 keeps layers dense), got {compress!r}")
+        if isinstance(compress, bool) or not isinstance(compress, (int, float)) \
+                or (isinstance(compress, float) and not math.isfinite(compress)) or compress < 1:
+            raise UserError(f"{prefix}compress must be a number >= 1 (1 keeps layers dense), got {safe_repr(compress)}")
     if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
-        raise UserError(f"{prefix}degree must be a positive integer, got {degree!r}")
+        raise UserError(f"{prefix}degree must be a positive integer, got {safe_repr(degree)}")
     if mixing is not None and (isinstance(mixing, bool) or not isinstance(mixing, int) or mixing < 1):
-        raise UserError(f"{prefix}mixing must be a positive integer, got {mixing!r}")
+        raise UserError(f"{prefix}mixing must be a positive integer, got {safe_repr(mixing)}")
     if graph is not None and (not isinstance(graph, str) or graph not in list_graphs()):
         what = "unknown --graph" if where == "" else f"{where}: unknown graph"
-        raise UserError(f"{what} {graph!r}; choose one of {', '.join(list_graphs())}")
+        raise UserError(f"{what} {safe_repr(graph)}; choose one of {', '.join(list_graphs())}")
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,14 @@ class LayerRule:
     def __post_init__(self) -> None:
         # the same checks as the command line's values (SurgerySpec), named by the rule
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise UserError(f"plan rule pattern must be a layer name, glob or re:regex, got {self.pattern!r}")
-        where = f"plan rule {self.pattern!r}"
+            raise UserError(f"plan rule pattern must be a layer name, glob or re:regex, got {safe_repr(self.pattern)}")
+        where = f"plan rule {safe_repr(self.pattern)}"
         check_pattern(self.pattern, where)
         if self.compress is not None and self.degree is not None:
             raise UserError(f"{where}: give compress or degree, not both")
         _check_values(where, self.compress, self.degree, self.mixing, self.graph)
         if not isinstance(self.skip, bool):
-            raise UserError(f"{where}: skip must be true or false, got {self.skip!r}")
+            raise UserError(f"{where}: skip must be true or false, got {safe_repr(self.skip)}")
 
     def matches(self, name: str) -> bool:
         return match_pattern(name, self.pattern)
@@ -130,24 +132,24 @@ class SurgerySpec:
             raise UserError("--mixing must be a positive integer, got None")
         _check_values("", self.compress, self.degree, self.mixing, self.graph)
         if self.init not in INITS:
-            raise UserError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
+            raise UserError(f"unknown --init {safe_repr(self.init)}; choose one of {', '.join(INITS)}")
         if self.execution not in EXECUTIONS:
-            raise UserError(f"unknown --execution {self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
+            raise UserError(f"unknown --execution {safe_repr(self.execution)}; choose one of {', '.join(EXECUTIONS)}")
         if self.mix_points not in MIX_POINTS:
-            raise UserError(f"unknown --mix-points {self.mix_points!r}; choose one of {', '.join(MIX_POINTS)}")
+            raise UserError(f"unknown --mix-points {safe_repr(self.mix_points)}; choose one of {', '.join(MIX_POINTS)}")
         bad = [k for k in self.layers if k not in KINDS]
         if bad or not self.layers:
             raise UserError(f"--layers takes any of {', '.join(KINDS)}, got {', '.join(self.layers) or 'nothing'}")
         if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 0:
-            raise UserError(f"--min-channels must be an integer >= 0, got {self.min_channels!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise UserError(f"--seed must be an integer, got {self.seed!r}")
+            raise UserError(f"--min-channels must be an integer >= 0, got {safe_repr(self.min_channels)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**63:
+            raise UserError(f"--seed must be a 64-bit integer, got {safe_repr(self.seed)}")
         for flag, patterns in (("--include", self.include), ("--exclude", self.exclude)):
             for p in patterns:
                 check_pattern(p, flag)
         for rule in self.plan:
             if not isinstance(rule, LayerRule):
-                raise UserError(f"a plan is a list of rules such as [{{pattern: 'features.*', compress: 4}}], got {rule!r}")
+                raise UserError(f"a plan is a list of rules such as [{{pattern: 'features.*', compress: 4}}], got {safe_repr(rule)}")
 
     @classmethod
     def from_config(cls, config: SparsityConfig, **selection: Any) -> SurgerySpec:
@@ -194,24 +196,20 @@ def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
     if plan is None:
         return ()
     if isinstance(plan, str):
+        path = plan
+        raw = read_limited(path, MAX_PLAN_BYTES, "plan file")  # a FIFO or /dev/zero is refused, not read
         try:
-            with open(plan, encoding="utf-8") as f:
-                text = f.read(MAX_PLAN_BYTES + 1)  # bounded: /dev/zero is a "file" too
-        except OSError as exc:
-            raise UserError(f"cannot read plan file {plan!r}: {exc.strerror}") from exc
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise UserError(f"plan file {plan!r} is not UTF-8 text; give a YAML/JSON list of rules") from None
-        if len(text) > MAX_PLAN_BYTES:
-            raise UserError(f"plan file {plan!r} is larger than {MAX_PLAN_BYTES >> 20} MiB; a plan is a short list of rules")
-        try:
-            if plan.endswith(".json"):
+            raise UserError(f"plan file {safe_text(path)} is not UTF-8 text; give a YAML/JSON list of rules") from None
+        if path.endswith(".json"):
+            try:
                 plan = json.loads(text)
-            else:
-                import yaml
-
-                plan = yaml.safe_load(text)
-        except Exception as exc:
-            raise UserError(f"plan file {plan!r} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+            except (ValueError, RecursionError) as exc:
+                raise UserError(f"plan file {safe_text(path)} is not valid JSON: "
+                                f"{safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}") from None
+        else:
+            plan = load_yaml(text, f"plan file {safe_text(path)}")
     if isinstance(plan, dict):
         plan = plan.get("rules", [])
     if not isinstance(plan, (list, tuple)):
@@ -223,10 +221,10 @@ def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
             rules.append(item)
             continue
         if not isinstance(item, dict) or "pattern" not in item:
-            raise UserError(f"plan rule {item!r} needs a 'pattern' (a module name, glob, or re:regex)")
+            raise UserError(f"plan rule {safe_repr(item)} needs a 'pattern' (a module name, glob, or re:regex)")
         unknown = sorted(set(item) - valid)
         if unknown:
-            raise UserError(f"plan rule {item['pattern']!r}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+            raise UserError(f"plan rule {safe_repr(item['pattern'])}: unknown key(s) {safe_text(', '.join(map(str, unknown)))}; valid: {', '.join(sorted(valid))}")
         rules.append(LayerRule(**item))
     return tuple(rules)
 

@@ -44,7 +44,7 @@ from ..errors import UserError
 from ._distributed import Dist
 from ._recipe import Recipe, ScheduleSpec, recipe_to_yaml
 from ._results import best_epoch, checkpoint_writer, eval_loader, evaluate, write_result
-from ._state import BEST, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
+from ._state import BEST, RECIPE_FILE, RESULT, STATE_JSON, Run, load_optim_state, set_rng_state, write_text
 
 __all__ = ["build_model", "lr_at", "train"]
 
@@ -103,12 +103,15 @@ def _seed_all(seed: int, epoch: int, rank: int) -> None:
 
 
 def _check_resume(recipe: Recipe, run: Run) -> None:
-    import yaml
+    from .._util.io import read_limited
+    from .._util.text import load_yaml
 
     if not os.path.isfile(run.recipe):
         return
-    with open(run.recipe, encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
+    raw = read_limited(run.recipe, 1 << 20, "saved recipe")
+    saved = load_yaml(raw.decode("utf-8", errors="replace"), f"saved recipe {run.recipe}") or {}
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {run.folder}: {RECIPE_FILE} is not a recipe mapping; start again with --force")
     now = recipe.to_dict()
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
@@ -139,18 +142,22 @@ def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, 
                         f"set model.kwargs.num_classes={num_classes}")
 
 
-def _open(recipe: Recipe, resume: bool, force: bool) -> Run:
-    """Before any process group: the output folder may be written (and resumed) as asked."""
+def _open(recipe: Recipe, resume: bool, force: bool) -> tuple[Run, bool]:
+    """Before any process group: the output folder may be written (and resumed) as asked;
+    returns it and whether there is an epoch to resume from."""
     run = Run(recipe.output_dir)
     if resume and force:
         raise UserError("--resume and --force exclude each other")
     # rank 0 holds the folder's lock; the other ranks would see it as another run's
     run.check_folder(resume=resume, force=force, check_lock=int(os.environ.get("RANK", "0")) == 0)
     if resume and not run.has_checkpoint():
+        if run.unfinished():  # killed before its first commit: --resume starts it from epoch 1
+            print(f"xsurgery: {run.folder} has no finished epoch yet; starting from the first", file=sys.stderr)
+            return run, False
         raise UserError(f"nothing to resume: {run.folder} has no finished epoch ({STATE_JSON})")
     if resume:
         _check_resume(recipe, run)
-    return run
+    return run, resume
 
 
 class _Trainer:
@@ -367,7 +374,7 @@ def train(
         UserError: bad set-up, existing outputs, or a non-finite loss (the last good
             checkpoint is kept).
     """
-    run = _open(recipe, resume, force)
+    run, resume = _open(recipe, resume, force)
     dist = Dist(device)
     held = contextlib.ExitStack()
     try:

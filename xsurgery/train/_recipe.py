@@ -14,6 +14,8 @@ import typing
 from dataclasses import fields
 from typing import Any
 
+from .._util.io import read_limited
+from .._util.text import load_yaml, safe_repr, safe_text
 from ..errors import UserError
 from ._specs import RECIPE_VERSION, DataSpec, ModelSpec, OptimSpec, Recipe, ScheduleSpec, _hints, _surgery_type
 
@@ -30,12 +32,14 @@ __all__ = [
     "recipe_to_yaml",
 ]
 
-def _parse_value(text: str) -> Any:
-    import yaml
+MAX_RECIPE_BYTES = 1 << 20
 
+
+def _parse_value(text: str) -> Any:
+    """A ``key=value`` value as YAML data (an alias, tag or invalid YAML stays the literal text)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, "override")
+    except UserError:
         return text
 
 
@@ -55,7 +59,7 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             continue
         names = [f.name for f in fields(cls)]
         if part not in names:
-            raise UserError(f"unknown key {key!r}; valid: {', '.join(prefix + n for n in names)}")
+            raise UserError(f"unknown key {safe_repr(key)}; valid: {', '.join(prefix + n for n in names)}")
         if i == len(parts) - 1:
             node[part] = value
             if cls is _surgery_type():  # compress and degree exclude each other
@@ -84,7 +88,7 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any] | list[str]) ->
         for text in overrides:
             key, sep, raw = text.partition("=")
             if not sep or not key:
-                raise UserError(f"override {text!r} is not key=value (e.g. optim.lr=0.05 epochs=3)")
+                raise UserError(f"override {safe_repr(text)} is not key=value (e.g. optim.lr=0.05 epochs=3)")
             items.append((key.strip(), _parse_value(raw)))
     for key, value in items:
         _set_dotted(out, key, value)
@@ -93,19 +97,18 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any] | list[str]) ->
 
 def read_recipe_file(path: str) -> dict[str, Any]:
     """The raw mapping of a recipe YAML file (``variants`` included)."""
-    import yaml
-
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         alt = os.path.join("recipes", f"{path}.yaml")
         if os.path.isfile(alt):
             path = alt
         else:
-            raise UserError(f"recipe {path} does not exist")
+            raise UserError(f"recipe {safe_text(path)} does not exist")
+    raw = read_limited(path, MAX_RECIPE_BYTES, "recipe")  # a FIFO or device is refused, not read
     try:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {safe_text(path)} is not UTF-8 text") from None
+    d = load_yaml(text, f"recipe {safe_text(path)}")
     if not isinstance(d, dict):
         raise UserError(f"recipe {path} must be a YAML mapping of recipe fields")
     return d
@@ -124,10 +127,10 @@ def load_recipe(path: str, overrides: list[str] | dict[str, Any] = (), variant: 
     if variant is not None:
         if variant not in variants:
             have = ", ".join(variants) or "none"
-            raise UserError(f"recipe {path} has no variant {variant!r}; its variants: {have}")
+            raise UserError(f"recipe {path} has no variant {safe_repr(variant)}; its variants: {have}")
         chosen = variants[variant] or {}
         if not isinstance(chosen, dict):
-            raise UserError(f"recipe {path}: variant {variant!r} must map dotted keys to values")
+            raise UserError(f"recipe {path}: variant {safe_repr(variant)} must map dotted keys to values")
         d = apply_overrides(d, chosen)
         if "name" not in chosen:
             d["name"] = f"{d.get('name', 'run')}-{variant}"

@@ -8,12 +8,14 @@ the datasets (:mod:`xsurgery.train.data`); files and overrides are :mod:`._recip
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .._util.text import safe_repr
 from ..errors import UserError
 from .data import DataSpec
 
@@ -44,7 +46,7 @@ class OptimSpec:
 
     def __post_init__(self) -> None:
         if self.name != "sgd":
-            raise UserError(f"optim.name {self.name!r} is not supported; use sgd")
+            raise UserError(f"optim.name {safe_repr(self.name)} is not supported; use sgd")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise UserError("optim.lr must be > 0 and optim.momentum, optim.weight_decay >= 0")
         if self.nesterov and self.momentum == 0:
@@ -72,7 +74,7 @@ class ScheduleSpec:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
-            raise UserError(f"schedule.name {self.name!r} is not one of {', '.join(SCHEDULES)}")
+            raise UserError(f"schedule.name {safe_repr(self.name)} is not one of {', '.join(SCHEDULES)}")
         if list(self.milestones) != sorted(self.milestones):
             raise UserError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
         if self.warmup_epochs < 0 or self.min_lr < 0 or self.gamma <= 0:
@@ -158,7 +160,7 @@ def _build(cls: type, d: Any, path: str) -> Any:
     if isinstance(d, cls):
         return d
     if not isinstance(d, dict):
-        raise UserError(f"{_where(path)} must be a mapping, got {d!r}")
+        raise UserError(f"{_where(path)} must be a mapping, got {safe_repr(d)}")
     if hasattr(cls, "from_dict") and cls is not Recipe:  # SurgerySpec validates itself
         try:
             return cls.from_dict(d)
@@ -186,38 +188,45 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
+        raise UserError(f"{key} must be true or false, got {safe_repr(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise UserError(f"{key} must be an integer, got {value!r}")
+            raise UserError(f"{key} must be an integer, got {safe_repr(value)}")
+        if isinstance(value, int):
+            if abs(value) >= 2**63:
+                raise UserError(f"{key} must be an integer below 2**63, got {safe_repr(value)}")
+            return value
         try:
             f = float(value)
-        except ValueError:
-            raise UserError(f"{key} must be an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise UserError(f"{key} must be an integer, got {value!r}")
+        except (ValueError, OverflowError):
+            raise UserError(f"{key} must be an integer, got {safe_repr(value)}") from None
+        if not f.is_integer() or abs(f) >= 2**63:
+            raise UserError(f"{key} must be an integer below 2**63, got {safe_repr(value)}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
-            raise UserError(f"{key} must be a number, got {value!r}")
+            raise UserError(f"{key} must be a number, got {safe_repr(value)}")
         try:
-            return float(value)  # PyYAML reads 1e-4 (no dot) as a string
-        except (TypeError, ValueError):
-            raise UserError(f"{key} must be a number, got {value!r}") from None
+            f = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{key} must be a number, got {safe_repr(value)}") from None
+        if not math.isfinite(f):
+            raise UserError(f"{key} must be a finite number, got {safe_repr(value)}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list, tuple)) or value is None:
-            raise UserError(f"{key} must be a string, got {value!r}")
+            raise UserError(f"{key} must be a string, got {safe_repr(value)}")
         return str(value)
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} must be a list, got {value!r}")
+            raise UserError(f"{key} must be a list, got {safe_repr(value)}")
         return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise UserError(f"{key} must be a mapping, got {value!r}")
+            raise UserError(f"{key} must be a mapping, got {safe_repr(value)}")
         return dict(value)
     return value

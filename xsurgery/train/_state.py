@@ -25,8 +25,7 @@ import os
 import random
 import re
 import shutil
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from torch import nn
 
 from .._util import io as _io
 from ..errors import UserError
+from ._lock import LOCK, FolderLock
 
 STATE_VERSION = 2
 CHECKPOINT = "last.xs"
@@ -45,7 +45,6 @@ STATE_JSON = "train_state.json"
 METRICS = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 PRIVATE = ".xsurgery"
-LOCK = "lock"
 _STAGE = re.compile(r"epoch-\d{4,}")
 # top-level names a run writes; anything else in the folder is not the run's
 RUN_FILES = {CHECKPOINT, STATE_JSON, METRICS, RECIPE_FILE, PRIVATE, BEST, RESULT}
@@ -112,19 +111,7 @@ def load_optim_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor
     opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-class Run:
+class Run(FolderLock):
     """Paths and on-disk state of one output folder (see the module docstring)."""
 
     def __init__(self, folder: str) -> None:
@@ -142,6 +129,14 @@ class Run:
     def has_checkpoint(self) -> bool:
         return os.path.isfile(self.json)
 
+    def unfinished(self) -> bool:
+        """The folder holds only the traces of a run killed before its first epoch was
+        committed (its private folder, maybe its ``recipe.yaml``): nothing a run must keep."""
+        if not os.path.isdir(self.private) or self.has_checkpoint():
+            return False
+        entries = {e for e in os.listdir(self.folder) if not e.startswith(_io.TMP_PREFIX)}
+        return entries <= {PRIVATE, RECIPE_FILE}
+
     def check_folder(self, *, resume: bool, force: bool, check_lock: bool = True) -> None:
         """Refuse an output that is a file, a folder another live run writes, or (without
         ``force``) a folder holding files this run did not write."""
@@ -153,6 +148,8 @@ class Run:
             return
         # our own temp files (a killed write) and a private folder without a committed epoch
         # (a run that stopped during set-up) hold nothing to keep
+        if self.unfinished():
+            return  # a run that stopped before its first commit: nothing to keep, start over
         entries = sorted(e for e in os.listdir(self.folder) if not e.startswith(_io.TMP_PREFIX))
         if PRIVATE in entries and not self.has_checkpoint():
             entries.remove(PRIVATE)
@@ -167,68 +164,6 @@ class Run:
         if entries:
             raise UserError(f"{self.folder} holds an unfinished run or another run's files "
                             f"({', '.join(entries[:3])}); pass --force to start over")
-
-    def _read_lock(self) -> dict[str, Any] | None:
-        try:
-            with open(self.lock_path, encoding="utf-8") as f:
-                info = json.loads(f.read(4096) or "{}")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
-
-    def _check_lock(self, *, force: bool) -> dict[str, Any] | None:
-        """None when free; the lock's content when stale (taken over by :meth:`lock`)."""
-        info = self._read_lock()
-        if info is None:
-            return None
-        pid, host = info.get("pid"), info.get("host")
-        here = socket.gethostname()
-        if isinstance(pid, int) and host == here and _alive(pid) and pid != os.getpid():
-            raise UserError(f"{self.folder} is being written by another run (process {pid} on {host}, lock "
-                            f"{self.lock_path}); wait for it to finish or choose another output")
-        if isinstance(pid, int) and host == here:
-            return info  # a dead process's lock: stale, safe to take over
-        if not force:
-            raise UserError(f"{self.folder} is locked by process {pid} on host {host} ({self.lock_path}); "
-                            f"if that run is dead, pass --force to take the folder over")
-        return info
-
-    @contextlib.contextmanager
-    def lock(self, *, force: bool, log: Callable[[str], None] = print) -> Iterator[None]:
-        """Hold the folder's lock (pid + host) while the block runs."""
-        stale = self._check_lock(force=force)
-        try:
-            os.makedirs(self.private, exist_ok=True)
-        except OSError as exc:
-            raise _io.os_error(self.private, exc) from exc
-        mine = {"pid": os.getpid(), "host": socket.gethostname()}
-        if stale is not None:
-            log(f"xsurgery: taking over the stale lock of process {stale.get('pid')} on "
-                f"{stale.get('host')}, which is no longer running ({self.lock_path})")
-            _io.write_json(self.lock_path, mine, force=True)
-        else:
-            try:
-                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._check_lock(force=False)  # another run got there first: name it
-                raise UserError(f"{self.folder} was locked by another run just now; choose another output") from None
-            except OSError as exc:
-                raise _io.os_error(self.lock_path, exc) from exc
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(mine))
-        self._locked = True
-        self.remove_temp_files()
-        try:
-            yield
-        finally:
-            self._locked = False
-            if self._read_lock() == mine:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.lock_path)
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.private)  # only when empty: a run that never committed an epoch
 
     def remove_temp_files(self) -> None:
         """Temp files of a killed write (ours by prefix; the lock says no other run writes here)."""
