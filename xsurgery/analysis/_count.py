@@ -113,7 +113,8 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
             params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
             execution=m.resolved_execution(), macs_executed=0,
         )
-    params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
+    # all its own parameters: a parametrization's (weight_norm's g and v), a pruned weight_orig
+    params = sum(p.numel() for p in m.parameters())
     kind = layer_kind(m)
     cin, cout, kernel = kind.shape(m) if kind is not None else (m.in_channels, m.out_channels, list(m.kernel_size))
     family = kind_family(m) if kind is not None else _conv_kind(m)

@@ -10,7 +10,6 @@ tracing fails the same rules run on module order instead, and the surgery says s
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util.copying import deepcopy_model
 from ..errors import UserError
-from ..graphs import build_graph, choose_blocks, degree_for, layer_seed
+from ..graphs import build_graph, choose_blocks, degree_for, layer_seed, min_covering_degree
 from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
 from ._fx import Trace, fallback_roles, trace_roles
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
+from ._probe import probe_layers
 from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
@@ -101,6 +102,32 @@ def _direct_weight_users(model: nn.Module) -> set[str]:
     return out
 
 
+def _weight_hooks(m: nn.Module) -> str | None:
+    """Why a layer whose weight is computed (parametrized, pruned, weight-/spectral-normed) stays dense.
+
+    An X-layer holds a plain compact weight: converting would silently drop the parametrization,
+    the prune mask or the norm, so such a layer is kept dense with its reason.
+    """
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(m):
+        what = "; ".join(f"{p} by {', '.join(type(f).__name__ for f in m.parametrizations[p])}"
+                         for p in m.parametrizations)
+        return (f"weight parametrized ({what}); kept dense, as an X-layer would drop it "
+                f"(torch.nn.utils.parametrize.remove_parametrizations first to convert)")
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            return "pruned (prune mask on its weight); kept dense, as an X-layer would drop the mask " \
+                   "(torch.nn.utils.prune.remove first to convert)"
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            return f"legacy {kind} on {hook.name}; kept dense, as an X-layer would drop it " \
+                   f"(torch.nn.utils.remove_{kind} first to convert)"
+    return None
+
+
 def _match_any(name: str, patterns: Iterable[str]) -> str | None:
     return next((p for p in patterns if match_pattern(name, p)), None)
 
@@ -115,18 +142,29 @@ def _rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
     return None
 
 
-def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
+def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
+           only: Iterable[str] | None = None) -> tuple[list[Decision], Trace]:
     """Decide, for every weight-carrying module, whether and how to convert it (no model change).
 
     Conv1d/2d/3d, Linear and transformers' ``Conv1D`` are candidates; every other module
     with a weight matrix or kernel (ConvTranspose, RNNs, Embedding, MultiheadAttention, ...)
     gets a decision ``converted=False`` with its reason. A layer whose weight or bias tensor
     is shared with another module (tied embeddings) is never converted.
+
+    With an ``example`` (``(args, kwargs)``) the model also runs once under a probe
+    (:func:`probe_layers`): layers whose weight an op reads outside their forward stay dense,
+    layers fed the raw floating input are stems, and a subclass whose forward computes its base
+    class's on the example is replaceable. ``only``: convert exactly these layers (a checkpoint's
+    recorded ones), whatever else decides.
     """
     trace = trace_roles(model)
     if not trace.ok:
         roles = fallback_roles(model)
         trace.stems, trace.classifiers = roles.stems, roles.classifiers
+    custom = {n for n, m in model.named_modules() if is_layer_candidate(m) and not _same_forward(m)}
+    probe = probe_layers(model, example, custom)
+    trace.stems |= probe.raw_input
+    only = None if only is None else set(only)
     names = [n for n, m in model.named_modules() if is_layer_candidate(m)]
     for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
         for p in pats:
@@ -153,8 +191,21 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         decisions.append(d)
         rule = _rule_for(name, spec.plan)
         tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
-        if not _same_forward(m):
-            d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
+        if only is not None:
+            if name in only:
+                _plan_layer(d, spec, rule)
+            else:
+                d.reason = "kept dense in the checkpoint"
+            continue
+        hooked = _weight_hooks(m)
+        if hooked:
+            d.reason = hooked
+        elif name in probe.direct:
+            d.reason = f"weights read directly ({probe.direct[name]} of {name}.weight outside its forward); kept dense"
+        elif name in custom and name not in probe.same_forward:
+            base = layer_kind(m).base
+            why = "differs from" if name in probe.differs else "is not known to compute"
+            d.reason = f"custom {type(m).__name__} (its forward {why} nn.{base.__name__ if base else 'Linear'}'s)"
         elif tied:
             d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif kind in ("depthwise", "grouped"):
@@ -207,6 +258,8 @@ def _plan_layer(d: Decision, spec: SurgerySpec, rule: LayerRule | None) -> None:
         return
     try:
         D = degree_for(d.in_channels, compress=compress, degree=degree)
+        if degree is None:  # a compression never leaves inputs unread: raise D to what covers them
+            D = max(D, min_covering_degree(d.in_channels, d.out_channels, construction))
         seed = layer_seed(spec.seed, d.name)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -231,10 +284,12 @@ def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child_name, new)
 
 
-def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[Decision], Trace]:
-    """Convert a deep copy of ``model``; returns (copy, decisions, trace info)."""
-    decisions, trace = decide(model, spec)
-    out = copy.deepcopy(model)
+def apply_surgery(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
+                  only: Iterable[str] | None = None) -> tuple[nn.Module, list[Decision], Trace]:
+    """Convert a deep copy of ``model``; returns (copy, decisions, trace info). ``example`` and
+    ``only``: see :func:`decide`."""
+    decisions, trace = decide(model, spec, example, only=only)
+    out = deepcopy_model(model)
     modules = dict(out.named_modules())
     for d in decisions:
         if not d.converted:
@@ -359,7 +414,7 @@ def convert(
         plan=load_plan(plan),
     )
     example = resolve_example(model, example_inputs, input_size)
-    converted, decisions, trace = apply_surgery(model, spec)
+    converted, decisions, trace = apply_surgery(model, spec, example)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
     if example is not None:
