@@ -11,11 +11,11 @@ from ._core import (
     GraphConstruction,
     build_graph,
     choose_blocks,
-    min_covering_degree,
     degree_for,
     graph_construction,
     layer_seed,
     list_graphs,
+    min_covering_degree,
     register_graph,
 )
 from ._spectral import input_coverage, sensitivity_depth, spectral_gap
