@@ -169,6 +169,9 @@ def _aten_macs() -> dict[Any, tuple[str, Any]]:
         transposed = bool(args[4]) if len(args) > 4 else bool(kwargs.get("transposed", False))
         return (x, w, transposed)  # resolved with the output shape, see _FunctionalCounter
 
+    def grouped_mm(a, b, *_, **__):  # MoE experts: each row of a meets one expert's [K, N] matrix
+        return ("per_output", a.shape[-1])  # resolved with the output shape: out.numel() * K
+
     def sdpa(q, k, v, *_, **__):
         # q [..., Lq, E], k [..., Lk, E], v [..., Lk, Ev]: QK^T then (attn)V
         lead = math.prod(q.shape[:-2])
@@ -178,7 +181,7 @@ def _aten_macs() -> dict[Any, tuple[str, Any]]:
     for name, fn, kind in [
         ("mm", mm, "matmul"), ("addmm", addmm, "matmul"), ("bmm", bmm, "matmul"), ("baddbmm", baddbmm, "matmul"),
         ("mv", mv, "matmul"), ("addmv", addmv, "matmul"), ("dot", dot, "matmul"), ("vdot", dot, "matmul"),
-        ("convolution", conv, "functional"), ("_convolution", conv, "functional"),
+        ("_grouped_mm", grouped_mm, "matmul"), ("convolution", conv, "functional"), ("_convolution", conv, "functional"),
         ("_scaled_dot_product_flash_attention", sdpa, "attention"),
         ("_scaled_dot_product_flash_attention_for_cpu", sdpa, "attention"),
         ("_scaled_dot_product_efficient_attention", sdpa, "attention"),
@@ -210,7 +213,9 @@ class _FunctionalCounter(TorchDispatchMode):
             return out
         kind, fn = entry
         macs = fn(*args, **kwargs)
-        if isinstance(macs, tuple):  # convolution: needs the output shape
+        if isinstance(macs, tuple) and macs[0] == "per_output":
+            macs = out.numel() * int(macs[1])
+        elif isinstance(macs, tuple):  # convolution: needs the output shape
             x, w, transposed = macs
             macs = x.numel() * w.shape[0] * math.prod(w.shape[2:]) if transposed else \
                 out.numel() * math.prod(w.shape[1:])

@@ -154,6 +154,10 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             else:  # a weight module with no X-layer form (embedding, RNN, attention): its own params
                 own = sum(q.numel() for q in m.parameters(recurse=False)) if m is not None else 0
                 row = LayerRow(name=name, kind=d.get("kind") or "?", params_before=own, params_after=own)
+                if row.kind in ("experts", "other"):  # run as functional matmuls (MoE experts, routers): their MACs
+                    for r in [r for r in rows if r.name == name and r.kind == "matmul"]:
+                        row.calls, row.macs_before, row.macs_after = r.calls, r.macs_before, r.macs_after
+                        rows.remove(r)
             rows.append(row)
             by_name[name] = row
         is_x = isinstance(modules.get(name), _X)

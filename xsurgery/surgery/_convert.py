@@ -179,7 +179,14 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
     for name, m in model.named_modules():
         if not is_layer_candidate(m):
             weights = _weight_params(m)
-            if weights:
+            experts = [(n, p) for n, p in m._parameters.items() if p is not None and p.dim() == 3]
+            if experts and not weights:  # MoE experts: [E, out, in] stacks run by an expert-indexed matmul
+                w = experts[0][1]
+                stacks = ", ".join(f"{n} {list(p.shape)}" for n, p in experts)
+                decisions.append(Decision(
+                    name, "experts", False, f"MoE experts ({stacks}) run as an expert-indexed matmul; "
+                    f"no X-layer form (kept dense)", int(w.shape[-1]), int(w.shape[-2]), None))
+            elif weights:
                 kind, reason = _other_reason(m)
                 w = weights[0][1]
                 decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
@@ -198,7 +205,9 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
                 d.reason = "kept dense in the checkpoint"
             continue
         hooked = _weight_hooks(m)
-        if hooked:
+        if tied:
+            d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
+        elif hooked:
             d.reason = hooked
         elif name in probe.direct:
             d.reason = f"weights read directly ({probe.direct[name]} of {name}.weight outside its forward); kept dense"
@@ -206,8 +215,6 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
             base = layer_kind(m).base
             why = "differs from" if name in probe.differs else "is not known to compute"
             d.reason = f"custom {type(m).__name__} (its forward {why} nn.{base.__name__ if base else 'Linear'}'s)"
-        elif tied:
-            d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif kind in ("depthwise", "grouped"):
             d.reason = f"{kind} conv (groups={m.groups}) is never converted"
         elif name in direct:
@@ -391,7 +398,7 @@ def convert(
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
     from ..analysis import report as make_report
-    from ..models import create_model, describe, per_sample_size
+    from ..models import call, create_model, describe, per_sample_size
     from ..models import resolve as resolve_example
 
     if isinstance(model, str):
@@ -413,6 +420,15 @@ def convert(
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
         plan=load_plan(plan),
     )
+    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params()]
+    if lazy:  # shapes come from the first call: make it on a copy, as the user's first call would
+        if example_inputs is None:
+            raise UserError(f"the model has uninitialized lazy modules ({', '.join(lazy[:3])}); pass example_inputs= "
+                            f"(--input SHAPE) so they initialize on it, or run the model once before converting")
+        model = deepcopy_model(model)
+        with torch.no_grad():
+            call(model, resolve_example(model, example_inputs, None))
     example = resolve_example(model, example_inputs, input_size)
     converted, decisions, trace = apply_surgery(model, spec, example)
     if not allow_none and not any(d.converted for d in decisions):
