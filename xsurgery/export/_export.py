@@ -224,7 +224,20 @@ class _Prepared:
         exported = model if plain else _FlatInputs(model, self.example, flatten)
         module = _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
                                {prefix + k: v for k, v in self.inner.items()})
-        _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names, self.in_axes)
+        try:
+            _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names,
+                          self.in_axes)
+        except UserError as exc:
+            dense = dict.fromkeys(choice, "dense")
+            if choice != dense:  # the layers as dense matmuls: does the exporter take the model at all?
+                try:
+                    self.to_bytes(dense, model)
+                except UserError:
+                    pass
+                else:
+                    raise
+            raise UserError(f"{exc}; the torch exporter fails on this model with every layer dense too (its own "
+                            f"limit, not the surgery's)") from exc
 
     def to_bytes(self, choice: dict[str, str], model: nn.Module | None = None) -> bytes:
         buf = io.BytesIO()
@@ -328,15 +341,7 @@ def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, t
     from ..models import describe
 
     choices = result.layers
-    try:
-        prep.export_to(choices, tmp)
-    except UserError as exc:
-        try:  # the layers as dense matmuls: does the exporter take the model at all?
-            prep.to_bytes(dict.fromkeys(choices, "dense"))
-        except UserError:
-            raise UserError(f"{exc}; the torch exporter fails on this model with every layer dense too (its own "
-                            f"limit, not the surgery's)") from exc
-        raise
+    prep.export_to(choices, tmp)
     proto = onnx.load(tmp)
     inputs = describe(prep.base, prep.example) if not _plain(prep.example) else None
     for k, v in _metadata(model, prep.layers, choices, result.layout, prep.shape, prep.dynamic, prep.opset, inputs,
