@@ -179,7 +179,8 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
     for name, m in model.named_modules():
         if not is_layer_candidate(m):
             weights = _weight_params(m)
-            experts = [(n, p) for n, p in m._parameters.items() if p is not None and p.dim() == 3]
+            experts = [(n, p) for n, p in m._parameters.items()  # [E, out, in], E > 1 (not a [1, N, C] token)
+                       if p is not None and p.dim() == 3 and p.shape[0] > 1]
             if experts and not weights:  # MoE experts: [E, out, in] stacks run by an expert-indexed matmul
                 w = experts[0][1]
                 stacks = ", ".join(f"{n} {list(p.shape)}" for n, p in experts)
@@ -209,6 +210,8 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
             d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif hooked:
             d.reason = hooked
+        elif name in direct:
+            d.reason = "weights read directly by nn.MultiheadAttention"
         elif name in probe.direct:
             d.reason = f"weights read directly ({probe.direct[name]} of {name}.weight outside its forward); kept dense"
         elif name in custom and name not in probe.same_forward:
@@ -217,8 +220,6 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
             d.reason = f"custom {type(m).__name__} (its forward {why} nn.{base.__name__ if base else 'Linear'}'s)"
         elif kind in ("depthwise", "grouped"):
             d.reason = f"{kind} conv (groups={m.groups}) is never converted"
-        elif name in direct:
-            d.reason = "weights read directly by nn.MultiheadAttention"
         elif name in trace.direct:
             d.reason = "weights read directly (e.g. F.linear(x, layer.weight)), not called as a module"
         elif _match_any(name, spec.exclude):

@@ -37,6 +37,20 @@ class Probe:
     differs: set[str] = field(default_factory=set)  # custom subclasses that do not
 
 
+# reading a weight's metadata is no use of its values
+_METADATA = {"size", "dim", "numel", "nelement", "ndimension", "element_size", "is_floating_point", "is_complex",
+             "is_contiguous", "data_ptr", "stride", "storage_offset", "get_device", "untyped_storage", "__len__",
+             "__format__", "__repr__", "__hash__", "type"}
+_VALUE_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real"}
+
+
+def _reads_values(func: Any) -> bool:
+    name = getattr(func, "__name__", None) or ""
+    if name == "__get__":
+        return str(getattr(getattr(func, "__self__", None), "__name__", "")) in _VALUE_ATTRIBUTES
+    return name not in _METADATA
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or str(func)
     if name == "__get__":  # an attribute such as .T / .mT
@@ -53,7 +67,7 @@ class _WeightReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for leaf in tree_leaves((args, kwargs)):
+        for leaf in tree_leaves((args, kwargs)) if _reads_values(func) else ():
             if isinstance(leaf, torch.Tensor):
                 owner = self.owners.get(id(leaf))
                 if owner is not None and owner not in self.active and owner not in self.found:
