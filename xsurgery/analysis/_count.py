@@ -257,6 +257,8 @@ class _Tracker:
             return  # a counted module inside another counted one: the outer one's formula covers it
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else out
         before, after = _module_macs(m, inp, out)
+        if out.numel() == 0 and row.note is None:  # e.g. a detection head with no proposals on this example
+            row.note = "ran on 0 rows of the example (a value-dependent path): its MACs are that run's"
         if row.calls == 0:
             self.order.append(row)
         row.calls += 1

@@ -29,6 +29,7 @@ from ._trace import (
     _FlatInputs,
     _plain,
     _torch_export,
+    explain_failure,
     needs_flat_outputs,
     prepare_for_export,
 )
@@ -228,16 +229,7 @@ class _Prepared:
             _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names,
                           self.in_axes)
         except UserError as exc:
-            dense = dict.fromkeys(choice, "dense")
-            if choice != dense:  # the layers as dense matmuls: does the exporter take the model at all?
-                try:
-                    self.to_bytes(dense, model)
-                except UserError:
-                    pass
-                else:
-                    raise
-            raise UserError(f"{exc}; the torch exporter fails on this model with every layer dense too (its own "
-                            f"limit, not the surgery's)") from exc
+            raise explain_failure(exc, choice, lambda dense: self.to_bytes(dense, model)) from exc
 
     def to_bytes(self, choice: dict[str, str], model: nn.Module | None = None) -> bytes:
         buf = io.BytesIO()
@@ -348,10 +340,8 @@ def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, t
                           result.runtime).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    if prep.cache is not None:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "xsurgery.cache", prep.cache
-        log(f"cache {prep.cache}")
+    if prep.cache is not None:  # how a generative model's cache was exported
+        proto.metadata_props.add(key="xsurgery.cache", value=prep.cache)
     onnx.save(proto, tmp)
     del proto
     onnx.checker.check_model(tmp, full_check=True)

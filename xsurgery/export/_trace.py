@@ -7,6 +7,7 @@ import dataclasses
 import io
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,21 @@ def prepare_for_export(base: nn.Module) -> str | None:
         return None
     config.use_cache = False  # on the export's own copy
     return "off: exported with use_cache=False (outputs are the logits and other tensors, no past_key_values)"
+
+
+def explain_failure(exc: UserError, choice: dict[str, str], export_dense: Callable[[dict[str, str]], Any]) -> UserError:
+    """The export of ``choice`` failed with ``exc``: the same error, saying whether the torch exporter
+    fails on the model with every layer dense too (its own limit, not the surgery's)."""
+    dense = dict.fromkeys(choice, "dense")
+    if choice != dense:
+        try:
+            export_dense(dense)
+        except UserError:
+            pass
+        else:
+            return exc
+    return UserError(f"{exc}; the torch exporter fails on this model with every layer dense too (its own limit, "
+                     f"not the surgery's)")
 
 
 def needs_flat_outputs(out: Any) -> bool:

@@ -25,6 +25,7 @@ from ._fx import Trace, fallback_roles, trace_roles
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
 from ._probe import probe_layers
+from ._reasons import direct_weight_users, other_reason, shared_tensors, weight_hooks, weight_params
 from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
@@ -56,76 +57,6 @@ def _same_forward(m: nn.Module) -> bool:
 def is_layer_candidate(m: nn.Module) -> bool:
     """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
     return layer_kind(m) is not None
-
-
-def _weight_params(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """A module's own matrix/kernel parameters (``weight``, ``in_proj_weight``, ``weight_ih_l0``)."""
-    return [(n, p) for n, p in m._parameters.items()
-            if p is not None and p.dim() >= 2 and (n == "weight" or n.endswith("_weight") or n.startswith("weight_"))]
-
-
-def _other_reason(m: nn.Module) -> tuple[str, str]:
-    """(kind, reason) of a weight-carrying module the surgery has no X-layer for."""
-    name = type(m).__name__
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "conv_transpose", f"transposed conv ({name}) has no X-layer form"
-    if isinstance(m, nn.RNNBase):
-        return "recurrent", f"recurrent layer ({name}) has no X-layer form"
-    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding", f"embedding ({name}) is a lookup, not a matmul"
-    if isinstance(m, nn.MultiheadAttention):
-        return "mha", "nn.MultiheadAttention reads in_proj_weight directly (F.multi_head_attention_forward)"
-    return "other", f"{name} has no X-layer form"
-
-
-def _shared_tensors(model: nn.Module) -> dict[str, list[str]]:
-    """``"module.param"`` -> the other modules holding the same tensor (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for mname, m in model.named_modules():
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(mname)
-    shared: dict[str, list[str]] = {}
-    for mname, m in model.named_modules():
-        for pname, p in m._parameters.items():
-            if p is not None and len(set(owners[id(p)])) > 1:
-                shared[f"{mname}.{pname}"] = [o for o in owners[id(p)] if o != mname]
-    return shared
-
-
-def _direct_weight_users(model: nn.Module) -> set[str]:
-    """Layers whose parent reads their ``.weight`` itself instead of calling them."""
-    out = set()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            out |= {f"{name}.{c}" if name else c for c, _ in m.named_modules() if c}
-    return out
-
-
-def _weight_hooks(m: nn.Module) -> str | None:
-    """Why a layer whose weight is computed (parametrized, pruned, weight-/spectral-normed) stays dense.
-
-    An X-layer holds a plain compact weight: converting would silently drop the parametrization,
-    the prune mask or the norm, so such a layer is kept dense with its reason.
-    """
-    from torch.nn.utils import parametrize, prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    if parametrize.is_parametrized(m):
-        what = "; ".join(f"{p} by {', '.join(type(f).__name__ for f in m.parametrizations[p])}"
-                         for p in m.parametrizations)
-        return (f"weight parametrized ({what}); kept dense, as an X-layer would drop it "
-                f"(torch.nn.utils.parametrize.remove_parametrizations first to convert)")
-    for hook in m._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            return "pruned (prune mask on its weight); kept dense, as an X-layer would drop the mask " \
-                   "(torch.nn.utils.prune.remove first to convert)"
-        if isinstance(hook, (WeightNorm, SpectralNorm)):
-            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
-            return f"legacy {kind} on {hook.name}; kept dense, as an X-layer would drop it " \
-                   f"(torch.nn.utils.remove_{kind} first to convert)"
-    return None
 
 
 def _match_any(name: str, patterns: Iterable[str]) -> str | None:
@@ -173,12 +104,12 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
     for rule in spec.plan:
         if not any(rule.matches(n) for n in names):
             raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
-    direct = _direct_weight_users(model)
-    shared = _shared_tensors(model)
+    direct = direct_weight_users(model)
+    shared = shared_tensors(model)
     decisions = []
     for name, m in model.named_modules():
         if not is_layer_candidate(m):
-            weights = _weight_params(m)
+            weights = weight_params(m)
             experts = [(n, p) for n, p in m._parameters.items()  # [E, out, in], E > 1 (not a [1, N, C] token)
                        if p is not None and p.dim() == 3 and p.shape[0] > 1]
             if experts and not weights:  # MoE experts: [E, out, in] stacks run by an expert-indexed matmul
@@ -188,7 +119,7 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
                     name, "experts", False, f"MoE experts ({stacks}) run as an expert-indexed matmul; "
                     f"no X-layer form (kept dense)", int(w.shape[-1]), int(w.shape[-2]), None))
             elif weights:
-                kind, reason = _other_reason(m)
+                kind, reason = other_reason(m)
                 w = weights[0][1]
                 decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
                                           list(w.shape[2:]) or None))
@@ -205,7 +136,7 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
             else:
                 d.reason = "kept dense in the checkpoint"
             continue
-        hooked = _weight_hooks(m)
+        hooked = weight_hooks(m)
         if tied:
             d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
         elif hooked:

@@ -78,7 +78,7 @@ class _WeightReads(TorchFunctionMode):
 def _storages(example: tuple[tuple, dict]) -> set[int]:
     out = set()
     for t in tree_leaves(example):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not t.is_meta:  # meta: no storage
             out.add(t.untyped_storage().data_ptr())
     return out
 
@@ -105,7 +105,7 @@ def probe_layers(model: nn.Module, example: tuple[tuple, dict] | None, custom: s
         def hook(m: nn.Module, args) -> None:
             active.append(name)
             x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() \
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and not x.is_meta \
                     and x.untyped_storage().data_ptr() in raw:
                 probe.raw_input.add(name)
         return hook
