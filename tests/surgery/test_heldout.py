@@ -267,3 +267,41 @@ def test_export_generative_model_left_with_its_cache_on(tmp_path):
     # without an attention mask the torch exporter cannot export the dense model either: it says so
     with pytest.raises(UserError, match="every layer dense too"):
         export_onnx(conv, str(tmp_path / "g2.onnx"), example_inputs={"input_ids": ex["input_ids"]}, verbose=False)
+
+
+def _tv(name):
+    tv = pytest.importorskip("torchvision").models
+    torch.manual_seed(0)
+    if name == "lraspp":
+        return tv.segmentation.lraspp_mobilenet_v3_large(num_classes=3, weights_backbone=None).eval(), \
+            torch.randn(1, 3, 64, 64)
+    if name == "fcn":
+        return tv.segmentation.fcn_resnet50(num_classes=3, weights_backbone=None).eval(), torch.randn(1, 3, 64, 64)
+    if name == "ssdlite":
+        return tv.detection.ssdlite320_mobilenet_v3_large(num_classes=3, weights_backbone=None).eval(), \
+            ([torch.rand(3, 128, 128)],)
+    return tv.detection.maskrcnn_resnet50_fpn(num_classes=3, weights_backbone=None, min_size=128,
+                                              max_size=128).eval(), ([torch.rand(3, 128, 128)],)
+
+
+@pytest.mark.parametrize("name", ["lraspp", "fcn", "ssdlite", "maskrcnn"])
+def test_torchvision_family_converts_counts_and_round_trips(name, tmp_path):
+    dense, ex = _tv(name)
+    conv, rep = convert(dense, example_inputs=ex)
+    assert rep.totals["converted_layers"] > 0
+    assert rep.params_before == sum(p.numel() for p in dense.parameters())
+    assert rep.params_after == sum(p.numel() for p in conv.parameters())
+    path = str(tmp_path / f"{name}.xs")
+    save(conv, path)
+    back = load(path, model=_tv(name)[0])
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), conv.state_dict().values()))
+    # layers that ran on 0 rows (heads with no proposals after the surgery), seen independently by hooks
+    empty, hooks = set(), []
+    for n, m in conv.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, xsurgery.XConv2d, xsurgery.XLinear)):
+            hooks.append(m.register_forward_hook(lambda m, i, o, n=n: empty.add(n) if o.numel() == 0 else None))
+    with torch.no_grad():
+        conv(*ex) if isinstance(ex, tuple) else conv(ex)
+    for h in hooks:
+        h.remove()
+    assert empty == {r.name for r in rep.layers if r.note and "0 rows" in r.note}

@@ -170,6 +170,8 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             if not is_x and not (project and d.get("converted")) and key in ("degree", "blocks", "graph",
                                                                               "spectral_gap", "mixing", "seed"):
                 continue  # graph details of a layer that is not (or not yet) converted
+            if key == "note" and row.note and row.note != value:  # the count's own note stays beside the surgery's
+                value = f"{value}; {row.note}"
             setattr(row, key, list(value) if key == "kernel" else value)
         if project and d.get("converted") and not is_x and d.get("degree") and row.in_channels and row.out_channels:
             # dry run: the layer as the plan would build it
