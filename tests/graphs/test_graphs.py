@@ -137,9 +137,40 @@ def test_sensitivity_depth_rejects_broken_chain():
 
 def test_coverage():
     assert input_coverage(build_graph(64, 64, 16, mixing=2, seed=0)) == 1.0
-    g = build_graph(64, 4, 8, construction="exact", seed=0)  # 4 outputs x 8 < 64 inputs
-    assert input_coverage(g) <= 32 / 64
-    assert spectral_gap(g) == 0.0
+    # 4 outputs x degree 8 < 64 inputs: no block count reads every input, so it is refused
+    with pytest.raises(ValueError, match="leaves inputs unread.*use degree >= 16"):
+        build_graph(64, 4, 8, construction="exact", seed=0)
+    with pytest.raises(ValueError, match="use blocks >= 8 or degree >= 16"):
+        build_graph(64, 64, 8, blocks=4)
+
+
+@pytest.mark.parametrize("construction", ["random", "exact", "paired", "cayley", "grouped"])
+@pytest.mark.parametrize("cin,cout,d,k", [(40, 512, 1, 1), (64, 64, 4, 1), (64, 128, 16, 1), (32, 64, 8, 2),
+                                          (64, 16, 8, 1), (64, 64, 2, 3)])
+def test_every_construction_reads_every_input(construction, cin, cout, d, k):
+    """Coverage 1 is a rule at every mixing and degree: G is raised to ceil(C_in / D)."""
+    import math
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            g = build_graph(cin, cout, d, mixing=k, construction=construction, seed=1)
+        except ValueError as exc:  # a construction's own size rule (grouped: G*D == C_in, cayley: powers of two)
+            assert "leaves inputs unread" not in str(exc) or cout * d < cin or construction == "cayley", exc
+            return
+    assert g.blocks * g.degree >= cin and g.blocks >= math.ceil(cin / d)
+    counts = torch.bincount(g.index.flatten(), minlength=cin)  # independent of input_coverage
+    assert int((counts == 0).sum()) == 0 and input_coverage(g) == 1.0
+
+
+def test_min_covering_degree():
+    from xsurgery.graphs import min_covering_degree
+
+    assert min_covering_degree(64, 4, "random") == 16  # at most 4 blocks
+    assert min_covering_degree(512, 10, "random") == 52  # ceil(512 / 10)
+    assert min_covering_degree(40, 512, "random") == 1
+    assert min_covering_degree(64, 48, "cayley") == 4  # largest power-of-two divisor of 48 is 16
 
 
 def test_choose_blocks_nearest_divisor_warns():

@@ -187,7 +187,7 @@ def test_default_examples_hf():
 
 def test_no_input_converts_by_structure_with_macs_null(capsys):
     model = _mlp()
-    converted, rep = xsurgery.convert(model, compress=4)
+    converted, rep = xsurgery.convert(model, compress=4, include_stem=True)  # the raw-input Linear too
     assert rep.totals["converted_layers"] == 2
     assert rep.totals["params_after"] == sum(p.numel() for p in converted.parameters())
     assert rep.totals["params_before"] == sum(p.numel() for p in model.parameters())
@@ -197,9 +197,9 @@ def test_no_input_converts_by_structure_with_macs_null(capsys):
     rep.render()
     assert "give an example input for MACs" in capsys.readouterr().out
     # given one, the same model has MACs, from its real shape: 3 x (64*40/4 + 64*64/4 + dense head 64*10)
-    _, rep = xsurgery.convert(model, compress=4, example_inputs=torch.randn(3, 40))
+    _, rep = xsurgery.convert(model, compress=4, example_inputs=torch.randn(3, 40), include_stem=True)
     assert rep.totals["macs_after"] == 3 * (64 * 10 + 64 * 16 + 64 * 10)
-    _, rep = xsurgery.convert(model, compress=4, input_size=40)
+    _, rep = xsurgery.convert(model, compress=4, input_size=40, include_stem=True)
     assert rep.totals["macs_after"] == 64 * 10 + 64 * 16 + 64 * 10
 
 
@@ -332,8 +332,9 @@ class WeightShaped(nn.Module):
 
 def test_convert_check_false_skips_the_check():
     with pytest.raises(UserError, match=r"output\[1\]: shape \[356\] instead of \[612\].*--no-check"):
-        xsurgery.convert(WeightShaped(), compress=2, example_inputs=torch.randn(2, 16))
-    converted, rep = xsurgery.convert(WeightShaped(), compress=2, example_inputs=torch.randn(2, 16), check=False)
+        xsurgery.convert(WeightShaped(), compress=2, example_inputs=torch.randn(2, 16), include_stem=True)
+    converted, rep = xsurgery.convert(WeightShaped(), compress=2, example_inputs=torch.randn(2, 16), check=False,
+                                       include_stem=True)
     assert rep.totals["converted_layers"] == 2 and rep.totals["macs_after"] < rep.totals["macs_before"]
 
 
@@ -387,13 +388,14 @@ def _json(capsys):
 def test_cli_inputs(user_module, capsys):
     from xsurgery.cli import main
 
-    assert main(["convert", f"{user_module}:mlp", "--compress", "4", "--input", "8x40", "--json"]) == 0
+    assert main(["convert", f"{user_module}:mlp", "--compress", "4", "--input", "8x40", "--include-stem", "--json"]) == 0
     data = _json(capsys)
     assert data["inputs"] == [{"name": "input", "shape": [8, 40], "dtype": "float32", "positional": True}]
     assert data["totals"]["macs_after"] == 8 * (64 * 10 + 64 * 16 + 64 * 10)
     assert main(["convert", f"{user_module}:mlp", "--compress", "4", "--json"]) == 0
     assert _json(capsys)["totals"]["macs_after"] is None
-    assert main(["convert", f"{user_module}:two", "--input", "2x16", "--input", "side=2x8", "--json"]) == 0
+    assert main(["convert", f"{user_module}:two", "--input", "2x16", "--input", "side=2x8", "--include-stem",
+                 "--json"]) == 0
     data = _json(capsys)
     assert [d["name"] for d in data["inputs"]] == ["x", "side"] and data["totals"]["converted_layers"] == 3
     assert main(["report", f"{user_module}:two", "--input", "x=2x16", "--input", "side=2x8", "--json"]) == 0
@@ -417,7 +419,7 @@ def test_cli_export_takes_input(user_module, capsys, tmp_path):
 def test_cli_no_check(user_module, capsys):
     from xsurgery.cli import main
 
-    argv = ["convert", f"{user_module}:weight_shaped", "--input", "2x16", "--json"]
+    argv = ["convert", f"{user_module}:weight_shaped", "--input", "2x16", "--include-stem", "--json"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output[1]: shape" in err[0] and "--no-check" in err[0]

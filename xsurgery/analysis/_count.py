@@ -113,7 +113,8 @@ def _module_row(name: str, m: nn.Module) -> LayerRow:
             params_before=m.out_features * m.in_features * area + bias, params_after=m.weight.numel() + bias,
             execution=m.resolved_execution(), macs_executed=0,
         )
-    params = m.weight.numel() + bias if getattr(m, "weight", None) is not None else 0
+    # all its own parameters: a parametrization's (weight_norm's g and v), a pruned weight_orig
+    params = sum(p.numel() for p in m.parameters())
     kind = layer_kind(m)
     cin, cout, kernel = kind.shape(m) if kind is not None else (m.in_channels, m.out_channels, list(m.kernel_size))
     family = kind_family(m) if kind is not None else _conv_kind(m)
@@ -168,6 +169,9 @@ def _aten_macs() -> dict[Any, tuple[str, Any]]:
         transposed = bool(args[4]) if len(args) > 4 else bool(kwargs.get("transposed", False))
         return (x, w, transposed)  # resolved with the output shape, see _FunctionalCounter
 
+    def grouped_mm(a, b, *_, **__):  # MoE experts: each row of a meets one expert's [K, N] matrix
+        return ("per_output", a.shape[-1])  # resolved with the output shape: out.numel() * K
+
     def sdpa(q, k, v, *_, **__):
         # q [..., Lq, E], k [..., Lk, E], v [..., Lk, Ev]: QK^T then (attn)V
         lead = math.prod(q.shape[:-2])
@@ -177,7 +181,7 @@ def _aten_macs() -> dict[Any, tuple[str, Any]]:
     for name, fn, kind in [
         ("mm", mm, "matmul"), ("addmm", addmm, "matmul"), ("bmm", bmm, "matmul"), ("baddbmm", baddbmm, "matmul"),
         ("mv", mv, "matmul"), ("addmv", addmv, "matmul"), ("dot", dot, "matmul"), ("vdot", dot, "matmul"),
-        ("convolution", conv, "functional"), ("_convolution", conv, "functional"),
+        ("_grouped_mm", grouped_mm, "matmul"), ("convolution", conv, "functional"), ("_convolution", conv, "functional"),
         ("_scaled_dot_product_flash_attention", sdpa, "attention"),
         ("_scaled_dot_product_flash_attention_for_cpu", sdpa, "attention"),
         ("_scaled_dot_product_efficient_attention", sdpa, "attention"),
@@ -209,7 +213,9 @@ class _FunctionalCounter(TorchDispatchMode):
             return out
         kind, fn = entry
         macs = fn(*args, **kwargs)
-        if isinstance(macs, tuple):  # convolution: needs the output shape
+        if isinstance(macs, tuple) and macs[0] == "per_output":
+            macs = out.numel() * int(macs[1])
+        elif isinstance(macs, tuple):  # convolution: needs the output shape
             x, w, transposed = macs
             macs = x.numel() * w.shape[0] * math.prod(w.shape[2:]) if transposed else \
                 out.numel() * math.prod(w.shape[1:])
@@ -251,6 +257,8 @@ class _Tracker:
             return  # a counted module inside another counted one: the outer one's formula covers it
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else out
         before, after = _module_macs(m, inp, out)
+        if out.numel() == 0 and row.note is None:  # e.g. a detection head with no proposals on this example
+            row.note = "ran on 0 rows of the example (a value-dependent path): its MACs are that run's"
         if row.calls == 0:
             self.order.append(row)
         row.calls += 1

@@ -154,6 +154,10 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             else:  # a weight module with no X-layer form (embedding, RNN, attention): its own params
                 own = sum(q.numel() for q in m.parameters(recurse=False)) if m is not None else 0
                 row = LayerRow(name=name, kind=d.get("kind") or "?", params_before=own, params_after=own)
+                if row.kind in ("experts", "other"):  # run as functional matmuls (MoE experts, routers): their MACs
+                    for r in [r for r in rows if r.name == name and r.kind == "matmul"]:
+                        row.calls, row.macs_before, row.macs_after = r.calls, r.macs_before, r.macs_after
+                        rows.remove(r)
             rows.append(row)
             by_name[name] = row
         is_x = isinstance(modules.get(name), _X)
@@ -166,6 +170,8 @@ def _merge(rows: list[LayerRow], decisions: Iterable[Any], modules: Mapping[str,
             if not is_x and not (project and d.get("converted")) and key in ("degree", "blocks", "graph",
                                                                               "spectral_gap", "mixing", "seed"):
                 continue  # graph details of a layer that is not (or not yet) converted
+            if key == "note" and row.note and row.note != value:  # the count's own note stays beside the surgery's
+                value = f"{value}; {row.note}"
             setattr(row, key, list(value) if key == "kernel" else value)
         if project and d.get("converted") and not is_x and d.get("degree") and row.in_channels and row.out_channels:
             # dry run: the layer as the plan would build it

@@ -169,7 +169,7 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
             spec = SurgerySpec.from_dict({"mix_points": "every", **manifest["surgery"]})
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
-        built, _, _ = apply_surgery(dense, spec)
+        built, _, _ = apply_surgery(dense, spec, only=[d["name"] for d in manifest.get("layers", [])])
     elif model is not None:
         import copy
 

@@ -131,7 +131,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     kw["plan"] = load_plan(kw["plan"])
     for key in ("layers", "include", "exclude"):
         kw[key] = tuple(kw[key])
-    decisions, trace = decide(model, SurgerySpec.from_config(kw.pop("config"), **kw))
+    from ..models import resolve
+
+    try:  # the example the convert would run: its probe (weights read directly, raw-input stems) decides alike
+        example = resolve(model, example_arg(args), getattr(args, "input_size", None))
+    except UserError:
+        example = None
+    decisions, trace = decide(model, SurgerySpec.from_config(kw.pop("config"), **kw), example)
     rows = []
     for d in decisions:
         row = d.to_dict()

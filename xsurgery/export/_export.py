@@ -7,7 +7,6 @@ verification input) -> choose layouts (``auto``: per layer, then the whole model
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import tempfile
@@ -18,12 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util.copying import deepcopy_model
 from .._util.io import TMP_PREFIX, check_output, os_error, remove_stale_temps
 from ..errors import UserError
 from . import _ort
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, takes_inner_shape
 from ._meta import _metadata
-from ._trace import _dynamic_axes, _flat_outputs, _FlatInputs, _plain, _torch_export
+from ._trace import (
+    _dynamic_axes,
+    _flat_outputs,
+    _FlatInputs,
+    _plain,
+    _torch_export,
+    explain_failure,
+    needs_flat_outputs,
+    prepare_for_export,
+)
 from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
 from .runtimes import Runtime, get_runtime
 
@@ -193,6 +202,7 @@ class _Prepared:
     ref: Any  # ... on the verification input (None when neither verified nor needed)
     shapes: dict[str, list[tuple]]  # the input shapes each X-layer saw
     inner: dict[str, tuple | None]
+    cache: str | None = None  # how a generative model's cache is exported (ONNX metadata xsurgery.cache)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -209,12 +219,17 @@ class _Prepared:
     def export_to(self, choice: dict[str, str], f: Any, model: nn.Module | None = None) -> None:
         """Export ``model`` (default the prepared one) with the layouts ``choice`` to ``f``."""
         model = self.base if model is None else model
-        plain = _plain(self.example)
+        flatten = needs_flat_outputs(self.out)
+        plain = _plain(self.example) and not flatten
         prefix = "" if plain else "model."
-        exported = model if plain else _FlatInputs(model, self.example)
+        exported = model if plain else _FlatInputs(model, self.example, flatten)
         module = _with_layouts(exported, {prefix + k: v for k, v in choice.items()},
                                {prefix + k: v for k, v in self.inner.items()})
-        _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names, self.in_axes)
+        try:
+            _torch_export(module, tuple(self.flat), f, self.opset, self.dynamic, self.n_out, self.in_names,
+                          self.in_axes)
+        except UserError as exc:
+            raise explain_failure(exc, choice, lambda dense: self.to_bytes(dense, model)) from exc
 
     def to_bytes(self, choice: dict[str, str], model: nn.Module | None = None) -> bytes:
         buf = io.BytesIO()
@@ -227,7 +242,8 @@ def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batc
     """Copy the model, resolve its example, run it recording each X-layer's input shapes."""
     from ..models import flat_tensors, input_names, resample, resolve
 
-    base = copy.deepcopy(model).cpu().eval()
+    base = deepcopy_model(model).cpu().eval()
+    cache = prepare_for_export(base)
     if not allow_nonfinite:
         from ..checkpoint import check_finite
 
@@ -262,7 +278,8 @@ def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batc
     if verify or (dynamic and takes_inner_shape(layers)):
         ref, shapes_v = _run_recording(base, example_v, names)
     inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
-    return _Prepared(base, layers, example, example_v, flat, in_names, in_axes, dynamic, opset, out, ref, shapes, inner)
+    return _Prepared(base, layers, example, example_v, flat, in_names, in_axes, dynamic, opset, out, ref, shapes, inner,
+                     cache)
 
 
 def _choose_layouts(prep: _Prepared, layout: str, rt: Runtime, threads: int | None, result: ExportResult,
@@ -323,6 +340,8 @@ def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, t
                           result.runtime).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
+    if prep.cache is not None:  # how a generative model's cache was exported
+        proto.metadata_props.add(key="xsurgery.cache", value=prep.cache)
     onnx.save(proto, tmp)
     del proto
     onnx.checker.check_model(tmp, full_check=True)

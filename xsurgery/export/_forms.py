@@ -85,6 +85,14 @@ class _GatherLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, C_in, M]
         if not self.identity:
             rows = rows.index_select(1, self.index)
+        if rows.shape[-1] == 0:  # no rows (a detection head with no proposals): Conv refuses a 0-length
+            # input, and reshape(-1, ...) of nothing is ambiguous: the same math as a batched matmul
+            g, d, m = self.blocks, self.weight.shape[1], rows.shape[-1]
+            y = torch.bmm(self.weight.view(g, self.out_features // g, d), rows.view(g, d, m))
+            y = y.reshape(1, self.out_features, m)
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1)
+            return y.squeeze(0).t().reshape(*x.shape[:-1], self.out_features)
         y = F.conv1d(rows, self.weight, self.bias, groups=self.blocks)  # [1, C_out, M]
         return y.squeeze(0).t().reshape(*lead, self.out_features)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +23,10 @@ class _FlatInputs(nn.Module):
     tensors (torchvision detection's images) is one entry per tensor.
     """
 
-    def __init__(self, model: nn.Module, example: tuple) -> None:
+    def __init__(self, model: nn.Module, example: tuple, flatten_out: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.flatten_out = flatten_out  # an output the exporter cannot take (a dataclass): its tensors
         args, kwargs = example
         self.layout = [("arg", None, len(a) if isinstance(a, list) else None) for a in args]
         self.layout += [("kw", k, len(v) if isinstance(v, list) else None) for k, v in kwargs.items()]
@@ -37,7 +40,51 @@ class _FlatInputs(nn.Module):
                 args.append(value)
             else:
                 kwargs[key] = value
-        return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        return tuple(_flat_outputs(out)) if self.flatten_out else out
+
+
+def prepare_for_export(base: nn.Module) -> str | None:
+    """Refuse weight dtypes the runtime cannot run (one line naming the fix), and turn a generative
+    model's cache off (a ``DynamicCache`` is no ONNX output); returns what the export states about
+    the cache (``xsurgery.cache`` metadata), ``None`` for a model without one."""
+    bad = sorted({str(p.dtype).replace("torch.", "") for p in base.parameters()
+                  if p.dtype in (torch.bfloat16, torch.float64)})
+    if bad:
+        raise UserError(f"export writes float32 models and this one's weights are {', '.join(bad)} (ONNX Runtime has "
+                        f"no {'/'.join(bad)} kernels for the ops its layers export to); export model.float() with "
+                        f"float32 inputs")
+    config = getattr(base, "config", None)
+    if getattr(config, "use_cache", False) is not True:
+        return None
+    config.use_cache = False  # on the export's own copy
+    return "off: exported with use_cache=False (outputs are the logits and other tensors, no past_key_values)"
+
+
+def explain_failure(exc: UserError, choice: dict[str, str], export_dense: Callable[[dict[str, str]], Any]) -> UserError:
+    """The export of ``choice`` failed with ``exc``: the same error, saying whether the torch exporter
+    fails on the model with every layer dense too (its own limit, not the surgery's)."""
+    dense = dict.fromkeys(choice, "dense")
+    if choice != dense:
+        try:
+            export_dense(dense)
+        except UserError:
+            pass
+        else:
+            return exc
+    return UserError(f"{exc}; the torch exporter fails on this model with every layer dense too (its own limit, "
+                     f"not the surgery's)")
+
+
+def needs_flat_outputs(out: Any) -> bool:
+    """The output holds something the TorchScript exporter refuses (a plain dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return False
+    if isinstance(out, dict):
+        return any(needs_flat_outputs(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return any(needs_flat_outputs(v) for v in out)
+    return dataclasses.is_dataclass(out) and not isinstance(out, type)
 
 
 def _plain(example: tuple) -> bool:
@@ -69,10 +116,13 @@ def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) ->
 
 
 def _flat_outputs(obj: Any) -> list[torch.Tensor]:
+    """The output's tensors in order (tensors, dicts, lists/tuples, and plain dataclasses' fields)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
         obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _flat_outputs(v)]
     return []

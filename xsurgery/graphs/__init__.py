@@ -15,6 +15,7 @@ from ._core import (
     graph_construction,
     layer_seed,
     list_graphs,
+    min_covering_degree,
     register_graph,
 )
 from ._spectral import input_coverage, sensitivity_depth, spectral_gap
@@ -25,6 +26,7 @@ __all__ = [
     "build_graph",
     "cayley_spectrum",
     "choose_blocks",
+    "min_covering_degree",
     "degree_for",
     "graph_construction",
     "input_coverage",

@@ -30,6 +30,7 @@ __all__ = [
     "graph_construction",
     "layer_seed",
     "list_graphs",
+    "min_covering_degree",
     "register_graph",
 ]
 
@@ -191,30 +192,60 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def _allowed_blocks(in_features: int, out_features: int, rule: GraphConstruction | None) -> list[int]:
+    """Block counts a construction can use for these sizes (divisors of C_out, ascending)."""
+    if rule is not None and rule.one_block_per_output:
+        return [out_features]
+    candidates = _divisors(out_features)
+    if rule is not None and rule.power_of_two_blocks:
+        candidates = [d for d in candidates if d & (d - 1) == 0 and d <= in_features]
+    return candidates or [1]
+
+
+def min_covering_degree(in_features: int, out_features: int, graph: str = "random") -> int:
+    """Smallest degree D with which some allowed block count G reads every input (G * D >= C_in).
+
+    A converted layer never leaves an input unread (input coverage 1): with at most
+    ``G_max`` blocks (C_out, or fewer for ``cayley``), D must be at least ``ceil(C_in / G_max)``.
+    """
+    rule = _GRAPHS.get(graph)
+    return max(1, math.ceil(in_features / max(_allowed_blocks(in_features, out_features, rule))))
+
+
 def choose_blocks(
     in_features: int, out_features: int, degree: int, mixing: int, graph: str = "random"
 ) -> int:
     """Block count G for a degree and a mixing k: G = k * C_in / D, adjusted to divide C_out.
 
-    When the target does not divide ``out_features`` the nearest divisor is taken (ties go
-    to the larger, which mixes more) and a warning says so.
+    G is never below ``ceil(C_in / D)``, so that G * D >= C_in and every input is read (input
+    coverage 1, at every mixing and degree); a degree too small for any allowed G raises a
+    ``ValueError`` naming the smallest degree that covers (:func:`min_covering_degree`). When
+    the target does not divide ``out_features`` the nearest allowed divisor is taken (ties go to
+    the larger, which mixes more) and a warning says so.
     """
     rule = graph_construction(graph) if graph in _GRAPHS else None
-    if rule is not None and rule.one_block_per_output:
-        return out_features
     if rule is not None and rule.mixing is not None:
         mixing = rule.mixing
     if int(mixing) != mixing or mixing < 1:
         raise ValueError(f"mixing must be a positive integer, got {mixing}; use mixing >= 1")
-    target = mixing * in_features / degree
-    candidates = _divisors(out_features)
-    if rule is not None and rule.power_of_two_blocks:
-        candidates = [d for d in candidates if d & (d - 1) == 0 and d <= in_features]
-    best = min(candidates, key=lambda d: (abs(math.log(d / target)), -d))
-    if best != target:
+    need = math.ceil(in_features / degree)
+    allowed = _allowed_blocks(in_features, out_features, rule)
+    covering = [d for d in allowed if d >= need]
+    if not covering:
+        raise ValueError(
+            f"degree {degree} leaves inputs unread: {in_features}->{out_features} has at most "
+            f"{max(allowed)} blocks, which read {max(allowed) * degree} of {in_features} inputs; "
+            f"use degree >= {min_covering_degree(in_features, out_features, graph)}"
+        )
+    if rule is not None and rule.one_block_per_output:
+        return out_features
+    target = max(mixing * in_features / degree, need)
+    best = min(covering, key=lambda d: (abs(math.log(d / target)), -d))
+    if best != mixing * in_features / degree:
+        why = " (fewer would leave inputs unread)" if need > mixing * in_features / degree else ""
         warnings.warn(
             f"{in_features}->{out_features} with degree {degree}, mixing {mixing}: "
-            f"{target:g} blocks do not divide {out_features} outputs; using {best} blocks "
+            f"{mixing * in_features / degree:g} blocks do not divide {out_features} outputs{why}; using {best} blocks "
             f"(mixing {best * degree / in_features:g})",
             stacklevel=2,
         )
@@ -253,9 +284,18 @@ def build_graph(
             f"blocks={blocks} must divide the {out_features} outputs; "
             f"choose one of {_divisors(out_features)}"
         )
+    if blocks * degree < in_features:
+        raise ValueError(
+            f"blocks={blocks} x degree={degree} read at most {blocks * degree} of {in_features} inputs; "
+            f"every input must be read: use blocks >= {math.ceil(in_features / degree)} or degree >= "
+            f"{math.ceil(in_features / blocks)}"
+        )
     index = rule.fn(in_features, out_features, degree, blocks, seed)
     index = index.to(torch.int64).contiguous()
     assert index.shape == (blocks, degree), (construction, index.shape)
+    if torch.unique(index).numel() != in_features:  # a construction must cover every input
+        raise ValueError(f"{construction} graph {in_features}->{out_features} (degree {degree}, {blocks} blocks) "
+                         f"leaves inputs unread; use another --graph")
     return BipartiteGraph(
         in_features, out_features, degree, blocks, index, construction,
         int(seed) if rule.seeded else None,

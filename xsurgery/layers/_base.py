@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graphs import BipartiteGraph, build_graph, degree_for
+from ..graphs import BipartiteGraph, build_graph, degree_for, min_covering_degree
 from ._config import SparsityConfig
 from ._functional import EXECUTIONS, auto_execution, dense_weight
 
@@ -49,6 +49,8 @@ class XBase(nn.Module):
         else:
             compress = 1.0 if config.degree is None and config.compress is None else config.compress
             d = degree_for(in_features, compress=compress, degree=config.degree)
+            if config.degree is None and config.blocks is None:  # a compression never leaves inputs unread
+                d = max(d, min_covering_degree(in_features, out_features, config.graph))
             g = build_graph(in_features, out_features, d, config.blocks, mixing=config.mixing,
                             construction=config.graph, seed=config.seed)
         self.degree, self.blocks = g.degree, g.blocks

@@ -10,7 +10,6 @@ tracing fails the same rules run on module order instead, and the surgery says s
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,13 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util.copying import deepcopy_model
 from ..errors import UserError
-from ..graphs import build_graph, choose_blocks, degree_for, layer_seed
+from ..graphs import build_graph, choose_blocks, degree_for, layer_seed, min_covering_degree
 from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
 from ._budget import budget_targets, fit_budget, record_reached
 from ._fx import Trace, fallback_roles, trace_roles
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
+from ._probe import probe_layers
+from ._reasons import direct_weight_users, other_reason, shared_tensors, weight_hooks, weight_params
 from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern, rule_for
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
@@ -58,66 +60,33 @@ def is_layer_candidate(m: nn.Module) -> bool:
     return layer_kind(m) is not None
 
 
-def _weight_params(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """A module's own matrix/kernel parameters (``weight``, ``in_proj_weight``, ``weight_ih_l0``)."""
-    return [(n, p) for n, p in m._parameters.items()
-            if p is not None and p.dim() >= 2 and (n == "weight" or n.endswith("_weight") or n.startswith("weight_"))]
-
-
-def _other_reason(m: nn.Module) -> tuple[str, str]:
-    """(kind, reason) of a weight-carrying module the surgery has no X-layer for."""
-    name = type(m).__name__
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "conv_transpose", f"transposed conv ({name}) has no X-layer form"
-    if isinstance(m, nn.RNNBase):
-        return "recurrent", f"recurrent layer ({name}) has no X-layer form"
-    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding", f"embedding ({name}) is a lookup, not a matmul"
-    if isinstance(m, nn.MultiheadAttention):
-        return "mha", "nn.MultiheadAttention reads in_proj_weight directly (F.multi_head_attention_forward)"
-    return "other", f"{name} has no X-layer form"
-
-
-def _shared_tensors(model: nn.Module) -> dict[str, list[str]]:
-    """``"module.param"`` -> the other modules holding the same tensor (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for mname, m in model.named_modules():
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(mname)
-    shared: dict[str, list[str]] = {}
-    for mname, m in model.named_modules():
-        for pname, p in m._parameters.items():
-            if p is not None and len(set(owners[id(p)])) > 1:
-                shared[f"{mname}.{pname}"] = [o for o in owners[id(p)] if o != mname]
-    return shared
-
-
-def _direct_weight_users(model: nn.Module) -> set[str]:
-    """Layers whose parent reads their ``.weight`` itself instead of calling them."""
-    out = set()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            out |= {f"{name}.{c}" if name else c for c, _ in m.named_modules() if c}
-    return out
-
-
 def _match_any(name: str, patterns: Iterable[str]) -> str | None:
     return next((p for p in patterns if match_pattern(name, p)), None)
 
 
-def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
+def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
+           only: Iterable[str] | None = None) -> tuple[list[Decision], Trace]:
     """Decide, for every weight-carrying module, whether and how to convert it (no model change).
 
     Conv1d/2d/3d, Linear and transformers' ``Conv1D`` are candidates; every other module
     with a weight matrix or kernel (ConvTranspose, RNNs, Embedding, MultiheadAttention, ...)
     gets a decision ``converted=False`` with its reason. A layer whose weight or bias tensor
     is shared with another module (tied embeddings) is never converted.
+
+    With an ``example`` (``(args, kwargs)``) the model also runs once under a probe
+    (:func:`probe_layers`): layers whose weight an op reads outside their forward stay dense,
+    layers fed the raw floating input are stems, and a subclass whose forward computes its base
+    class's on the example is replaceable. ``only``: convert exactly these layers (a checkpoint's
+    recorded ones), whatever else decides.
     """
     trace = trace_roles(model)
     if not trace.ok:
         roles = fallback_roles(model)
         trace.stems, trace.classifiers = roles.stems, roles.classifiers
+    custom = {n for n, m in model.named_modules() if is_layer_candidate(m) and not _same_forward(m)}
+    probe = probe_layers(model, example, custom)
+    trace.stems |= probe.raw_input
+    only = None if only is None else set(only)
     names = [n for n, m in model.named_modules() if is_layer_candidate(m)]
     for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
         for p in pats:
@@ -126,14 +95,22 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
     for rule in spec.plan:
         if not any(rule.matches(n) for n in names):
             raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
-    direct = _direct_weight_users(model)
-    shared = _shared_tensors(model)
+    direct = direct_weight_users(model)
+    shared = shared_tensors(model)
     decisions = []
     for name, m in model.named_modules():
         if not is_layer_candidate(m):
-            weights = _weight_params(m)
-            if weights:
-                kind, reason = _other_reason(m)
+            weights = weight_params(m)
+            experts = [(n, p) for n, p in m._parameters.items()  # [E, out, in], E > 1 (not a [1, N, C] token)
+                       if p is not None and p.dim() == 3 and p.shape[0] > 1]
+            if experts and not weights:  # MoE experts: [E, out, in] stacks run by an expert-indexed matmul
+                w = experts[0][1]
+                stacks = ", ".join(f"{n} {list(p.shape)}" for n, p in experts)
+                decisions.append(Decision(
+                    name, "experts", False, f"MoE experts ({stacks}) run as an expert-indexed matmul; "
+                    f"no X-layer form (kept dense)", int(w.shape[-1]), int(w.shape[-2]), None))
+            elif weights:
+                kind, reason = other_reason(m)
                 w = weights[0][1]
                 decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
                                           list(w.shape[2:]) or None))
@@ -144,14 +121,27 @@ def decide(model: nn.Module, spec: SurgerySpec) -> tuple[list[Decision], Trace]:
         decisions.append(d)
         rule = rule_for(name, spec.plan)
         tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
-        if not _same_forward(m):
-            d.reason = f"custom {type(m).__name__} (its forward differs from nn.{type(m).__mro__[1].__name__})"
-        elif tied:
+        if only is not None:
+            if name in only:
+                _plan_layer(d, spec, rule)
+            else:
+                d.reason = "kept dense in the checkpoint"
+            continue
+        hooked = weight_hooks(m)
+        if tied:
             d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
-        elif kind in ("depthwise", "grouped"):
-            d.reason = f"{kind} conv (groups={m.groups}) is never converted"
+        elif hooked:
+            d.reason = hooked
         elif name in direct:
             d.reason = "weights read directly by nn.MultiheadAttention"
+        elif name in probe.direct:
+            d.reason = f"weights read directly ({probe.direct[name]} of {name}.weight outside its forward); kept dense"
+        elif name in custom and name not in probe.same_forward:
+            base = layer_kind(m).base
+            why = "differs from" if name in probe.differs else "is not known to compute"
+            d.reason = f"custom {type(m).__name__} (its forward {why} nn.{base.__name__ if base else 'Linear'}'s)"
+        elif kind in ("depthwise", "grouped"):
+            d.reason = f"{kind} conv (groups={m.groups}) is never converted"
         elif name in trace.direct:
             d.reason = "weights read directly (e.g. F.linear(x, layer.weight)), not called as a module"
         elif _match_any(name, spec.exclude):
@@ -198,6 +188,8 @@ def _plan_layer(d: Decision, spec: SurgerySpec, rule: LayerRule | None) -> None:
         return
     try:
         D = degree_for(d.in_channels, compress=compress, degree=degree)
+        if degree is None:  # a compression never leaves inputs unread: raise D to what covers them
+            D = max(D, min_covering_degree(d.in_channels, d.out_channels, construction))
         seed = layer_seed(spec.seed, d.name)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -222,10 +214,12 @@ def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child_name, new)
 
 
-def apply_surgery(model: nn.Module, spec: SurgerySpec) -> tuple[nn.Module, list[Decision], Trace]:
-    """Convert a deep copy of ``model``; returns (copy, decisions, trace info)."""
-    decisions, trace = decide(model, spec)
-    out = copy.deepcopy(model)
+def apply_surgery(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
+                  only: Iterable[str] | None = None) -> tuple[nn.Module, list[Decision], Trace]:
+    """Convert a deep copy of ``model``; returns (copy, decisions, trace info). ``example`` and
+    ``only``: see :func:`decide`."""
+    decisions, trace = decide(model, spec, example, only=only)
+    out = deepcopy_model(model)
     modules = dict(out.named_modules())
     for d in decisions:
         if not d.converted:
@@ -336,7 +330,7 @@ def convert(
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
     from ..analysis import report as make_report
-    from ..models import create_model, describe, per_sample_size
+    from ..models import call, create_model, describe, per_sample_size
     from ..models import resolve as resolve_example
 
     if isinstance(model, str):
@@ -360,11 +354,20 @@ def convert(
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
         plan=load_plan(plan),
     )
+    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params()]
+    if lazy:  # shapes come from the first call: make it on a copy, as the user's first call would
+        if example_inputs is None:
+            raise UserError(f"the model has uninitialized lazy modules ({', '.join(lazy[:3])}); pass example_inputs= "
+                            f"(--input SHAPE) so they initialize on it, or run the model once before converting")
+        model = deepcopy_model(model)
+        with torch.no_grad():
+            call(model, resolve_example(model, example_inputs, None))
     example = resolve_example(model, example_inputs, input_size)
     if budget is not None:
-        spec, budget = fit_budget(model, spec, decide(model, spec)[0], example, budget,
+        spec, budget = fit_budget(model, spec, decide(model, spec, example)[0], example, budget,
                                   example_inputs=example_inputs, input_size=input_size)
-    converted, decisions, trace = apply_surgery(model, spec)
+    converted, decisions, trace = apply_surgery(model, spec, example)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
     if example is not None:

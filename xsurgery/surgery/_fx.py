@@ -17,7 +17,7 @@ from ..layers import X_LAYERS, layer_kind
 
 __all__ = ["Trace", "fallback_roles", "trace_roles"]
 
-_LEARNED_FUNCS = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
+_LEARNED_FUNCS = {torch.nn.functional.embedding, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, torch.addmm, torch.mm,
                   operator.matmul, torch.nn.functional.linear, torch.nn.functional.conv1d,
                   torch.nn.functional.conv2d, torch.nn.functional.conv3d,
                   torch.nn.functional.scaled_dot_product_attention}
@@ -79,8 +79,9 @@ def trace_roles(model: nn.Module) -> Trace:
 
     def learned(node: torch.fx.Node) -> bool:
         if node.op == "call_module":
-            m = modules.get(node.target)
-            return m is not None and (_is_layer(m) or any(_is_layer(c) for c in m.modules()))
+            m = modules.get(node.target)  # a layer, or any module with a learned matrix (an embedding)
+            return m is not None and (_is_layer(m) or any(_is_layer(c) for c in m.modules())
+                                      or any(p.dim() >= 2 for p in m.parameters()))
         if node.op == "call_function":
             return node.target in _LEARNED_FUNCS
         if node.op == "call_method":
@@ -99,9 +100,7 @@ def trace_roles(model: nn.Module) -> Trace:
         upstream[node] = any(upstream[i] or learned(i) for i in ins)
         from_input[node] = node.op == "placeholder" or any(from_input[i] for i in ins)
         if is_layer_node(node) and not upstream[node] and from_input[node]:
-            m = modules[node.target]
-            if _is_conv(m):
-                stems.add(node.target)
+            stems.add(node.target)  # a conv, or a Linear / Conv1d reading the raw input
     downstream: dict[torch.fx.Node, bool] = {}
     reaches_output: dict[torch.fx.Node, bool] = {}
     classifiers: set[str] = set()
