@@ -26,8 +26,8 @@ from typing import Any
 from ..errors import UserError
 from .text import safe_text
 
-__all__ = ["check_output", "link_atomic", "os_error", "read_limited", "remove_stale_temps", "signals_raise", "write_atomic",
-           "write_bytes", "write_json", "write_text"]
+__all__ = ["check_output", "link_atomic", "os_error", "read_limited", "remove_stale_temps", "replace_from_temp",
+           "signals_raise", "temp_beside", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 60.0  # a temp file of a dead process older than this is an orphan
@@ -277,3 +277,25 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def temp_beside(path: str) -> str:
+    """An empty temp file beside ``path``, named after our pid (a SIGKILLed writer's orphan is removed later)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = "-" + os.path.basename(path)[:64]
+    remove_stale_temps(folder, suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise os_error(path, exc) from exc
+    os.close(fd)
+    return tmp
+
+
+def replace_from_temp(tmp: str, path: str, force: bool) -> None:
+    """``tmp`` on disk, then renamed to ``path`` (refused when ``path`` appeared meanwhile without ``force``)."""
+    if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ._frontier import summarize, sweep_page, sweep_plots
 from ._variants import Variant, parse_variant
 
-__all__ = ["SweepRun", "plan_sweep", "sweep"]
+__all__ = ["SweepRun", "json_ready", "plan_sweep", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -346,9 +346,9 @@ def _write(out: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]], 
     os.makedirs(results, exist_ok=True)
     for r in rows:
         write_text(os.path.join(results, f"{_slug(r['variant'])}-s{r['seed']}.json"),
-                   json.dumps(_no_nan(r), indent=1, default=_plain) + "\n", force=True)
+                   json.dumps(json_ready(r), indent=1, default=_plain) + "\n", force=True)
     write_text(os.path.join(out, "summary.json"),
-               json.dumps(_no_nan({"meta": meta, "variants": summary}), indent=1, default=_plain) + "\n", force=True)
+               json.dumps(json_ready({"meta": meta, "variants": summary}), indent=1, default=_plain) + "\n", force=True)
     try:
         plots = sweep_plots(summary, out)
     except ImportError:
@@ -361,12 +361,12 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def _no_nan(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """JSON has no NaN: a value not measured is ``null``."""
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
+        return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_no_nan(v) for v in obj]
+        return [json_ready(v) for v in obj]
     return obj

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._util.io import write_atomic, write_safetensors
+from .._util.text import safe_text
 from .._version import __version__
 from ..errors import UserError
 from ..layers import X_LAYERS
@@ -169,7 +170,13 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
             spec = SurgerySpec.from_dict({"mix_points": "every", **manifest["surgery"]})
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
-        built, _, _ = apply_surgery(dense, spec, only=[d["name"] for d in manifest.get("layers", [])])
+        names = [d["name"] for d in manifest.get("layers", [])]
+        built, decisions, _ = apply_surgery(dense, spec, only=names)
+        missing = sorted(set(names) - {d.name for d in decisions if d.converted})
+        if missing:
+            raise UserError(f"{path}: its manifest converts {', '.join(safe_text(n, 80) for n in missing[:3])}, which the "
+                            f"model has no convertible layer for; the file was altered, is corrupt, or model= is not "
+                            f"the architecture it was saved from")
     elif model is not None:
         import copy
 

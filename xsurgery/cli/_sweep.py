@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 
 from ..errors import UserError
+from ._args import add_output_args
 from ._train import intermixed
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -31,7 +31,8 @@ def _split_overrides(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ..bench import sweep
+    from .._util.io import check_output
+    from ..bench.sweep import json_ready, sweep
 
     args.overrides = list(args.overrides or [])
     _split_overrides(args)
@@ -42,14 +43,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError("--jobs, --threads and --batch must be >= 1")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output} is a file; give a folder (finished runs in it are skipped)")
+    if args.json and args.json != "-":
+        check_output(args.json)  # before hours of training, not after
     quiet = getattr(args, "quiet", False)
     result = sweep(args.recipe, args.variants, seeds=args.seeds, overrides=args.overrides, out=args.output,
                    jobs=args.jobs, threads=args.threads, device=args.device,
                    runtime=None if args.runtime == "none" else args.runtime, batch=args.batch,
                    log=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
     if args.json:
-        print(json.dumps({"variants": result["variants"]}, default=str))
-        return 0
+        from ..analysis import emit_json
+
+        emit_json(json_ready({"variants": result["variants"], "meta": result["meta"]}), args.json, False)
+        if args.json == "-":
+            return 0
     for row in result["variants"]:
         lat = row["latency"]
         lat_text = "n/a" if lat != lat else f"{lat:.2f}x"
@@ -79,6 +85,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--runtime", default="onnxruntime", choices=[*RUNTIMES, "none"],
                    help="where latency is measured (default onnxruntime; none: not measured)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="batch of the latency measurement (default 1)")
-    p.add_argument("--json", action="store_true", help="print the ranked variants as JSON on stdout")
+    add_output_args(p, table=False, force=False)
     p.set_defaults(func=_cmd_sweep)
     p.__class__ = intermixed(type(p))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .._util.copying import deepcopy_model
-from .._util.io import TMP_PREFIX, check_output, os_error, remove_stale_temps
+from .._util.io import check_output, os_error, replace_from_temp, temp_beside
 from ..errors import UserError
 from . import _ort
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, takes_inner_shape
@@ -139,7 +138,7 @@ def export_onnx(
     result = ExportResult(path=path, layout=layout, input_shape=prep.shape, input_names=prep.in_names,
                           dynamic_batch=prep.dynamic, opset=opset, runtime=runtime)
     dense_sess = _choose_layouts(prep, layout, rt, threads, result, log)
-    tmp = _temp_file(path)
+    tmp = temp_beside(path)
     try:
         _trace(onnx, prep, model, result, tmp, log)
         if benchmark and dense_sess is None:
@@ -150,7 +149,7 @@ def export_onnx(
         if benchmark:
             _time(rt, sess, dense_sess, prep.feed, result, log)
         del sess, dense_sess
-        _replace(tmp, path, force)
+        replace_from_temp(tmp, path, force)
     except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
         raise os_error(path, exc) from exc
     finally:
@@ -314,19 +313,6 @@ def _choose_layouts(prep: _Prepared, layout: str, rt: Runtime, threads: int | No
     return sessions[0]
 
 
-def _temp_file(path: str) -> str:
-    """An empty temp file beside ``path``, named after our pid (a SIGKILLed export's orphan is removed later)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = "-" + os.path.basename(path)[:64]
-    remove_stale_temps(folder, suffix)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
-    except OSError as exc:
-        raise os_error(path, exc) from exc
-    os.close(fd)
-    return tmp
-
-
 def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, tmp: str,
            log: Callable[..., Any]) -> None:
     """Write the file with the chosen layouts and its ``xsurgery.*`` metadata to ``tmp``; check it."""
@@ -404,12 +390,3 @@ def _time(rt: Runtime, sess: Any, dense_sess: Any, feed: dict[str, Any], result:
     result.latency_ms, result.dense_latency_ms = ms, dense_ms
     log(f"{rt.label} latency (batch {result.input_shape[0]}, median): exported {ms:.3f} ms, dense original "
         f"{dense_ms:.3f} ms, ratio {ms / dense_ms:.3f}")
-
-
-def _replace(tmp: str, path: str, force: bool) -> None:
-    """``tmp`` on disk, then renamed to ``path`` (refused when ``path`` appeared meanwhile without ``force``)."""
-    if not force and os.path.lexists(path):  # appeared while we exported: still no silent overwrite
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    with open(tmp, "rb+") as f:  # on disk before the rename, as every other output
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -128,7 +128,7 @@ def _check_fields(name: str, config_name: str, default: Any, kwargs: dict[str, A
     before anything is built: a field keeps its default's type (no ``"2"`` for an integer),
     a count of layers is at most :data:`MAX_LAYERS`, any integer at most
     :data:`MAX_INT_FIELD`, and a size the default has positive (``vocab_size``,
-    ``num_attention_heads``) stays positive."""
+    ``num_attention_heads``) stays positive (token ids may be 0)."""
     for key, value in kwargs.items():
         base = getattr(default, key, None)
         where = f"hf/{name}: {config_name} field {safe_text(key, 60)}"
@@ -140,7 +140,8 @@ def _check_fields(name: str, config_name: str, default: Any, kwargs: dict[str, A
                 raise UserError(f"{where} must be an integer, got {safe_repr(value)}")
             words = key.lower().split("_")
             top = MAX_LAYERS if any(w in _COUNTS for w in words) else MAX_INT_FIELD
-            low = 1 if base >= 1 else -1
+            # ids and indices (bos_token_id, pad_token_id, layer indices) may be 0; sizes may not
+            low = 0 if words[-1] in ("id", "idx", "index") or base == 0 else 1 if base >= 1 else -1
             if not low <= value <= top:
                 raise UserError(f"{where} must be in {low}..{top}, got {safe_repr(value)}; "
                                 f"give a size a model can have")

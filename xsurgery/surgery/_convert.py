@@ -22,47 +22,25 @@ from ..errors import UserError
 from ..graphs import build_graph, choose_blocks, degree_for, layer_seed, min_covering_degree
 from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
 from ._budget import budget_targets, fit_budget, record_reached
-from ._fx import Trace, fallback_roles, trace_roles
+from ._fx import Trace
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
-from ._probe import probe_layers
-from ._reasons import direct_weight_users, other_reason, shared_tensors, weight_hooks, weight_params
-from ._spec import KINDS, Decision, LayerRule, SurgerySpec, load_plan, match_pattern, rule_for
+from ._reasons import LayerContext, is_layer_candidate, other_decisions
+from ._spec import (
+    KINDS,
+    Decision,
+    LayerRule,
+    SurgerySpec,
+    check_degrees_fit,
+    check_patterns_match,
+    load_plan,
+    rule_for,
+)
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
            "load_plan"]
 
 # ---------------------------------------------------------------------------- decisions
-
-# nn.ConvNd / nn.Linear subclasses with the same forward (safe to replace)
-_SAME_FORWARD = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "timm.layers.linear.Linear"}
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _same_forward(m: nn.Module) -> bool:
-    """The module computes what its torch base class does (safe to replace by an X-layer).
-
-    A subclass that only changes ``__init__`` (torchvision's ``Conv3DSimple``) qualifies; one
-    that overrides ``forward`` / ``_conv_forward`` (timm's ``StdConv2d``) does not, unless
-    known to compute the same.
-    """
-    cls, base = type(m), layer_kind(m).base
-    if base is None or cls is base or _qualname(cls) in _SAME_FORWARD:
-        return True
-    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
-
-
-def is_layer_candidate(m: nn.Module) -> bool:
-    """A conv/linear module of a kind the surgery knows (convertible or with a reason why not)."""
-    return layer_kind(m) is not None
-
-
-def _match_any(name: str, patterns: Iterable[str]) -> str | None:
-    return next((p for p in patterns if match_pattern(name, p)), None)
-
 
 def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
            only: Iterable[str] | None = None) -> tuple[list[Decision], Trace]:
@@ -78,102 +56,31 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
     layers fed the raw floating input are stems, and a subclass whose forward computes its base
     class's on the example is replaceable. ``only``: convert exactly these layers (a checkpoint's
     recorded ones), whatever else decides.
+
+    Phases: roles (fx trace or module order, and the probe) -> patterns match some layer ->
+    one decision per module -> mix points -> degrees fit.
     """
-    trace = trace_roles(model)
-    if not trace.ok:
-        roles = fallback_roles(model)
-        trace.stems, trace.classifiers = roles.stems, roles.classifiers
-    custom = {n for n, m in model.named_modules() if is_layer_candidate(m) and not _same_forward(m)}
-    probe = probe_layers(model, example, custom)
-    trace.stems |= probe.raw_input
+    ctx = LayerContext(model, example)
+    check_patterns_match(spec, [n for n, m in model.named_modules() if is_layer_candidate(m)])
     only = None if only is None else set(only)
-    names = [n for n, m in model.named_modules() if is_layer_candidate(m)]
-    for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
-        for p in pats:
-            if not any(_match_any(n, [p]) for n in names):
-                raise UserError(f"{flag} pattern {p!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
-    for rule in spec.plan:
-        if not any(rule.matches(n) for n in names):
-            raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
-    direct = direct_weight_users(model)
-    shared = shared_tensors(model)
     decisions = []
     for name, m in model.named_modules():
         if not is_layer_candidate(m):
-            weights = weight_params(m)
-            experts = [(n, p) for n, p in m._parameters.items()  # [E, out, in], E > 1 (not a [1, N, C] token)
-                       if p is not None and p.dim() == 3 and p.shape[0] > 1]
-            if experts and not weights:  # MoE experts: [E, out, in] stacks run by an expert-indexed matmul
-                w = experts[0][1]
-                stacks = ", ".join(f"{n} {list(p.shape)}" for n, p in experts)
-                decisions.append(Decision(
-                    name, "experts", False, f"MoE experts ({stacks}) run as an expert-indexed matmul; "
-                    f"no X-layer form (kept dense)", int(w.shape[-1]), int(w.shape[-2]), None))
-            elif weights:
-                kind, reason = other_reason(m)
-                w = weights[0][1]
-                decisions.append(Decision(name, kind, False, reason, int(w.shape[1]), int(w.shape[0]),
-                                          list(w.shape[2:]) or None))
+            decisions += other_decisions(name, m)
             continue
-        kind = kind_family(m)
         cin, cout, kernel = layer_kind(m).shape(m)
-        d = Decision(name, kind, False, None, cin, cout, kernel)
+        d = Decision(name, kind_family(m), False, None, cin, cout, kernel)
         decisions.append(d)
         rule = rule_for(name, spec.plan)
-        tied = [f"{p} with {', '.join(shared[f'{name}.{p}'])}" for p in ("weight", "bias") if f"{name}.{p}" in shared]
         if only is not None:
-            if name in only:
-                _plan_layer(d, spec, rule)
-            else:
-                d.reason = "kept dense in the checkpoint"
-            continue
-        hooked = weight_hooks(m)
-        if tied:
-            d.reason = f"{'; '.join(tied)} shared (tied weights are never converted)"
-        elif hooked:
-            d.reason = hooked
-        elif name in direct:
-            d.reason = "weights read directly by nn.MultiheadAttention"
-        elif name in probe.direct:
-            d.reason = f"weights read directly ({probe.direct[name]} of {name}.weight outside its forward); kept dense"
-        elif name in custom and name not in probe.same_forward:
-            base = layer_kind(m).base
-            why = "differs from" if name in probe.differs else "is not known to compute"
-            d.reason = f"custom {type(m).__name__} (its forward {why} nn.{base.__name__ if base else 'Linear'}'s)"
-        elif kind in ("depthwise", "grouped"):
-            d.reason = f"{kind} conv (groups={m.groups}) is never converted"
-        elif name in trace.direct:
-            d.reason = "weights read directly (e.g. F.linear(x, layer.weight)), not called as a module"
-        elif _match_any(name, spec.exclude):
-            d.reason = f"excluded by --exclude {_match_any(name, spec.exclude)}"
-        elif rule is not None and rule.skip:
-            d.reason = f"kept dense by plan rule {rule.pattern!r}"
-        elif not (_match_any(name, spec.include) or rule is not None):
-            if kind not in spec.layers:
-                d.reason = f"{kind} not in --layers"
-            elif name in trace.stems and not spec.include_stem:
-                d.reason = "stem (--include-stem)"
-            elif name in trace.classifiers and not spec.include_classifier:
-                d.reason = "classifier (--include-classifier)"
-            elif cin < spec.min_channels:
-                d.reason = f"narrower than --min-channels {spec.min_channels}"
+            d.reason = None if name in only else "kept dense in the checkpoint"
+        else:
+            d.reason = ctx.reason(name, m, d, spec, rule)
         if d.reason is None:
             _plan_layer(d, spec, rule)
-    place_mix_points(decisions, trace, spec.mix_points)
-    for rule in spec.plan:  # a rule's degree is checked like --degree: it must fit some layer it decides
-        if rule.degree is None:
-            continue
-        mine = [d for d in decisions if d.reason is None or d.reason.startswith("degree")
-                if rule_for(d.name, spec.plan) is rule and d.kind in ("pointwise", "conv", "linear")]
-        if mine and not any(d.converted for d in mine):
-            widest = max(d.in_channels for d in mine)
-            raise UserError(f"plan rule {rule.pattern!r}: degree {rule.degree} is larger than the input channels of "
-                            f"every layer it matches (at most {widest}); use a smaller degree or compress")
-    if spec.degree is not None and not any(d.converted for d in decisions) \
-            and any(d.reason and d.reason.startswith("degree") for d in decisions):
-        raise UserError(f"--degree {spec.degree} is larger than the input channels of every selected layer; "
-                        f"use a smaller degree or --compress")
-    return decisions, trace
+    place_mix_points(decisions, ctx.trace, spec.mix_points)
+    check_degrees_fit(decisions, spec)
+    return decisions, ctx.trace
 
 
 def _plan_layer(d: Decision, spec: SurgerySpec, rule: LayerRule | None) -> None:
@@ -329,40 +236,17 @@ def convert(
     Returns:
         The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
     """
-    from ..analysis import report as make_report
-    from ..models import call, create_model, describe, per_sample_size
     from ..models import resolve as resolve_example
 
-    if isinstance(model, str):
-        if model.endswith((".xs", ".safetensors")):
-            raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
-        name = model
-        model = create_model(model, model_kwargs, pretrained)
-    elif isinstance(model, nn.Module):
-        if model_kwargs or pretrained:
-            raise UserError("model_kwargs/pretrained only apply when the model is given by name")
-        name = type(model).__name__
-    else:
-        raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
+    model, name = _source(model, model_kwargs, pretrained)
     cfg = SparsityConfig.of(config, **sparsity)
     budget = budget_targets(cfg, target_macs, target_params, match_macs)
     spec = SurgerySpec.from_config(
-        cfg, init=init,
-        layers=(layers,) if isinstance(layers, str) else tuple(layers),
-        include=(include,) if isinstance(include, str) else tuple(include),
-        exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
+        cfg, init=init, layers=_names(layers), include=_names(include), exclude=_names(exclude),
         include_stem=include_stem, include_classifier=include_classifier, min_channels=min_channels,
         plan=load_plan(plan),
     )
-    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
-            and m.has_uninitialized_params()]
-    if lazy:  # shapes come from the first call: make it on a copy, as the user's first call would
-        if example_inputs is None:
-            raise UserError(f"the model has uninitialized lazy modules ({', '.join(lazy[:3])}); pass example_inputs= "
-                            f"(--input SHAPE) so they initialize on it, or run the model once before converting")
-        model = deepcopy_model(model)
-        with torch.no_grad():
-            call(model, resolve_example(model, example_inputs, None))
+    model = _initialize_lazy(model, example_inputs)
     example = resolve_example(model, example_inputs, input_size)
     if budget is not None:
         spec, budget = fit_budget(model, spec, decide(model, spec, example)[0], example, budget,
@@ -370,6 +254,52 @@ def convert(
     converted, decisions, trace = apply_surgery(model, spec, example)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
+    return converted, _finish(model, converted, decisions, trace, example, name, check, budget)
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _source(model: nn.Module | str, model_kwargs: dict[str, Any] | None, pretrained: bool) -> tuple[nn.Module, str]:
+    """The model to convert and its name in the report (a source is built here)."""
+    from ..models import create_model
+
+    if isinstance(model, str):
+        if model.endswith((".xs", ".safetensors")):
+            raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
+        return create_model(model, model_kwargs, pretrained), model
+    if isinstance(model, nn.Module):
+        if model_kwargs or pretrained:
+            raise UserError("model_kwargs/pretrained only apply when the model is given by name")
+        return model, type(model).__name__
+    raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
+
+
+def _initialize_lazy(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """Lazy modules take their shapes from the first call: make it on a copy, as the user's would."""
+    from ..models import call
+    from ..models import resolve as resolve_example
+
+    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params()]
+    if not lazy:
+        return model
+    if example_inputs is None:
+        raise UserError(f"the model has uninitialized lazy modules ({', '.join(lazy[:3])}); pass example_inputs= "
+                        f"(--input SHAPE) so they initialize on it, or run the model once before converting")
+    model = deepcopy_model(model)
+    with torch.no_grad():
+        call(model, resolve_example(model, example_inputs, None))
+    return model
+
+
+def _finish(model: nn.Module, converted: nn.Module, decisions: list[Decision], trace: Trace, example: Any,
+            name: str, check: bool, budget: dict[str, Any] | None):
+    """Record the example on the converted model, compare the outputs, and build the report."""
+    from ..analysis import report as make_report
+    from ..models import describe, per_sample_size
+
     if example is not None:
         converted._xsurgery_inputs = describe(model, example)
         if len(example[0]) == 1 and not example[1] and isinstance(example[0][0], torch.Tensor):
@@ -380,7 +310,7 @@ def convert(
     rep.method = "fx" if trace.ok else "module-swap"
     rep.trace_error = trace.error
     rep.budget = None if budget is None else record_reached(budget, rep.totals)
-    return converted, rep
+    return rep
 
 
 def _none_converted(decisions: Sequence[Decision]) -> str:

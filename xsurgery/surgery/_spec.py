@@ -8,7 +8,7 @@ import fnmatch
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,7 +18,8 @@ from ..errors import UserError
 from ..graphs import BipartiteGraph, list_graphs
 from ..layers import EXECUTIONS, INITS, MIX_POINTS, SparsityConfig
 
-__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_pattern", "load_plan", "match_pattern", "rule_for"]
+__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_degrees_fit", "check_pattern", "check_patterns_match",
+           "load_plan", "match_any", "match_pattern", "rule_for"]
 
 
 def match_pattern(name: str, pattern: str) -> bool:
@@ -89,6 +90,39 @@ class LayerRule:
 
     def matches(self, name: str) -> bool:
         return match_pattern(name, self.pattern)
+
+
+def match_any(name: str, patterns: Iterable[str]) -> str | None:
+    """The first of ``patterns`` that ``name`` matches."""
+    return next((p for p in patterns if match_pattern(name, p)), None)
+
+
+def check_patterns_match(spec: SurgerySpec, names: Sequence[str]) -> None:
+    """Every --include/--exclude pattern and plan rule matches some conv/linear layer."""
+    for pats, flag in ((spec.include, "--include"), (spec.exclude, "--exclude")):
+        for p in pats:
+            if not any(match_pattern(n, p) for n in names):
+                raise UserError(f"{flag} pattern {p!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
+    for rule in spec.plan:
+        if not any(rule.matches(n) for n in names):
+            raise UserError(f"plan pattern {rule.pattern!r} matches no conv/linear layer; see `xsurgery plan MODEL` for names")
+
+
+def check_degrees_fit(decisions: Sequence[Decision], spec: SurgerySpec) -> None:
+    """A rule's degree, like --degree, must fit some layer it decides."""
+    for rule in spec.plan:
+        if rule.degree is None:
+            continue
+        mine = [d for d in decisions if d.reason is None or d.reason.startswith("degree")
+                if rule_for(d.name, spec.plan) is rule and d.kind in ("pointwise", "conv", "linear")]
+        if mine and not any(d.converted for d in mine):
+            widest = max(d.in_channels for d in mine)
+            raise UserError(f"plan rule {rule.pattern!r}: degree {rule.degree} is larger than the input channels of "
+                            f"every layer it matches (at most {widest}); use a smaller degree or compress")
+    if spec.degree is not None and not any(d.converted for d in decisions) \
+            and any(d.reason and d.reason.startswith("degree") for d in decisions):
+        raise UserError(f"--degree {spec.degree} is larger than the input channels of every selected layer; "
+                        f"use a smaller degree or --compress")
 
 
 def rule_for(name: str, plan: Sequence[LayerRule]) -> LayerRule | None:
