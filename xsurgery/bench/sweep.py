@@ -274,9 +274,21 @@ def _measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batch: in
             export_onnx(model, path, example_inputs=x, force=True, verbose=False, runtime=runtime, threads=threads)
             runners[name] = runtime_runner(runtime, path, x, threads)
             bar.update(1, info=name)
+    busy = _busy()
+    if busy:
+        log(f"sweep: {busy}; latencies taken now are not to be trusted: run the sweep again on a quiet machine "
+            f"(finished runs are skipped, only the timing is redone)")
     timings = measure(runners, repeat=repeat)
     ratios = {n: t.median_ms / timings[dense].median_ms for n, t in timings.items()}
     return rows, ratios
+
+
+def _busy() -> str | None:
+    """A description of the load when other work competes for the cores (None: quiet enough)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"the machine is busy (load {load:.1f} on {cores} cores)" if load > 0.75 * cores else None
 
 
 def _reference(models: dict[str, tuple[Any, Any, Variant]]) -> str | None:
@@ -334,6 +346,7 @@ def sweep(
             "runtime": runtime, "batch": batch, "latency_threads": latency_threads,
             "latency_note": (f"{runtime}, batch {batch}, {latency_threads} threads, median of {repeat} interleaved "
                              f"rounds, ratio to the dense variant" if latency else "not measured"),
+            "load_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "failures": failures}
     _write(out, rows, summary_rows, meta)
     return {"meta": meta, "variants": summary_rows, "runs": rows}
