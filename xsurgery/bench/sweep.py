@@ -168,13 +168,13 @@ class _Children:
 def _train_one(run: SweepRun, out: str, threads: int, device: str,
                children: _Children) -> tuple[SweepRun, int, str, float]:
     """``xsurgery train`` on the run's recipe in a subprocess (``--resume`` where it started)."""
+    from .._util.io import write_text
     from ..train import Recipe, recipe_to_yaml
 
     recipes = os.path.join(out, "recipes")
     os.makedirs(recipes, exist_ok=True)
     path = os.path.join(recipes, f"{_slug(run.variant.name)}-s{run.seed}.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(recipe_to_yaml(Recipe.from_dict(run.recipe)))
+    write_text(path, recipe_to_yaml(Recipe.from_dict(run.recipe)), force=True)
     cmd = [sys.executable, "-m", "xsurgery.cli", "train", path, "--device", device, "--quiet"]
     if os.path.isdir(run.folder) and os.listdir(run.folder):
         cmd.append("--resume")
