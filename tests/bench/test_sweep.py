@@ -148,3 +148,24 @@ def test_an_interrupted_sweep_stops_its_trainings_and_starts_no_more(tmp_path):
         time.sleep(0.2)
     assert not trainings()
     assert not (out / "runs" / "x_2").exists() and not (out / "runs" / "grouped_2").exists()  # none started after
+
+
+def test_the_defaults_rule_reads_gaps_off_the_latency_front():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frontier_page", os.path.join(ROOT, "tools", "frontier_page.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [  # latency ratio, top-1; the front: dense (1.0, 92), thin (0.5, 90), tiny (0.25, 85)
+        {"variant": "dense", "latency": 1.0, "top1": 92.0, "front_latency": True},
+        {"variant": "thin", "latency": 0.5, "top1": 90.0, "front_latency": True},
+        {"variant": "tiny", "latency": 0.25, "top1": 85.0, "front_latency": True},
+        {"variant": "x@4", "latency": 0.75, "top1": 90.5, "front_latency": False},  # front there: 91.0
+        {"variant": "x@4:mixing=1", "latency": 0.2, "top1": 84.0, "front_latency": False},  # below the cheapest: 85
+        {"variant": "slow", "latency": 1.5, "top1": 91.0, "front_latency": False},  # above the dearest: 92
+        {"variant": "untimed", "latency": None, "top1": 99.0, "front_latency": False},
+    ]
+    g = tool.gaps(rows)
+    assert g["dense"] == g["thin"] == g["tiny"] == 0.0
+    assert g["x@4"] == pytest.approx(0.5) and g["x@4:mixing=1"] == pytest.approx(1.0) and g["slow"] == pytest.approx(1.0)
+    assert "untimed" not in g and tool.gaps([dict(r, latency=None) for r in rows]) == {}

@@ -1,0 +1,100 @@
+"""The frontier evidence page and the README's "Which variant should I ship?" table, from sweeps.
+
+    .venv/bin/python tools/frontier_page.py --sweep mlp=/path/to/sweep/mlp --sweep mobilenet=... --sweep resnet=...
+
+Copies each sweep's page, summary, per-run JSON and plots to ``docs/results/frontier/<net>/``,
+then writes between the markers of ``docs/results/frontier.md`` (results) and ``README.md``
+(the table) what the rule on that page says: per net the variants on the latency front, and
+per candidate configuration its gap to the front (the front's top-1 at the candidate's
+latency, on the straight line between front points, minus its own top-1), averaged over the
+nets at C = 4. Nets whose sweep has no latency yet are listed as such, never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE, README = os.path.join(ROOT, "docs", "results", "frontier.md"), os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- frontier:begin (tools/frontier_page.py) -->", "<!-- frontier:end -->"
+CANDIDATES = ("x@4", "x@4:mixing=1", "x@4:mix_points=chain", "x@4:graph=paired")
+
+
+def front_top1(front: list[tuple[float, float]], cost: float) -> float:
+    """The front's top-1 at ``cost``: linear between front points, the cheapest point's below them,
+    the best point's above them."""
+    pts = sorted(front)
+    if cost <= pts[0][0]:
+        return pts[0][1]
+    for (c0, t0), (c1, t1) in zip(pts, pts[1:]):
+        if c0 <= cost <= c1:
+            return t0 + (t1 - t0) * (cost - c0) / (c1 - c0) if c1 > c0 else max(t0, t1)
+    return pts[-1][1]
+
+
+def gaps(rows: list[dict]) -> dict[str, float]:
+    """Each variant's top-1 gap to the latency front (0 on it); empty without latencies."""
+    have = [r for r in rows if r.get("latency") is not None and not math.isnan(r["latency"])]
+    front = [(r["latency"], r["top1"]) for r in have if r.get("front_latency")]
+    return {r["variant"]: max(0.0, front_top1(front, r["latency"]) - r["top1"]) for r in have} if front else {}
+
+
+def _replace(path: str, block: str) -> None:
+    text = open(path, encoding="utf-8").read()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + block + END + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + BEGIN + "\n" + block + END + "\n"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="append", default=[], metavar="NET=FOLDER", help="a finished sweep folder")
+    args = ap.parse_args(argv)
+    nets: dict[str, list[dict]] = {}
+    for item in args.sweep:
+        net, _, folder = item.partition("=")
+        summary = json.load(open(os.path.join(folder, "summary.json"), encoding="utf-8"))
+        nets[net] = summary["variants"]
+        dest = os.path.join(ROOT, "docs", "results", "frontier", net)
+        os.makedirs(os.path.join(dest, "results"), exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith((".md", ".json", ".png")):
+                shutil.copy2(os.path.join(folder, name), os.path.join(dest, name))
+        for name in os.listdir(os.path.join(folder, "results")):
+            shutil.copy2(os.path.join(folder, "results", name), os.path.join(dest, "results", name))
+    lines = []
+    for net, rows in nets.items():
+        on = [r for r in rows if r.get("front_latency") and r.get("latency") is not None]
+        lat = "measured" if on else "**latency not measured yet**"
+        lines.append(f"- **{net}** ({len(rows)} variants, latency {lat}): best top-1 "
+                     + ", ".join(f"{r['variant']} {r['top1']:.2f}" for r in sorted(rows, key=lambda r: -r["top1"])[:3])
+                     + (f"; on the latency front: {', '.join(r['variant'] for r in on)}" if on else ""))
+    per_net = {net: gaps(rows) for net, rows in nets.items()}
+    table = ["| configuration | " + " | ".join(f"gap, {n}" for n in nets) + " | mean gap |", "|---|" + "---|" * (len(nets) + 1)]
+    for cand in CANDIDATES:
+        vals = [per_net[n].get(cand) for n in nets]
+        mean = sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
+        table.append(f"| {cand} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in vals)
+                     + f" | {'n/a' if all(v is None for v in vals) else f'{mean:.2f}'} |")
+    block = "\n".join(["## Results (generated)", "", *lines, "",
+                       "Gap to the latency front at C = 4 (top-1 points; 0: on the front; n/a: not measured):", "",
+                       *table, ""]) + "\n"
+    _replace(PAGE, block)
+    _replace(README, "\n".join(["See [docs/results/frontier.md](docs/results/frontier.md) for the method and the rule.",
+                                "", *table, ""]) + "\n")
+    print(f"wrote {PAGE} and the README table", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
