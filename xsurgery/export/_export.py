@@ -200,7 +200,7 @@ class _Prepared:
     out: Any  # the model's output on the example
     ref: Any  # ... on the verification input (None when neither verified nor needed)
     shapes: dict[str, list[tuple]]  # the input shapes each X-layer saw
-    inner: dict[str, tuple | None]
+    inner: dict[str, tuple | str | None]  # see _forms._inner_shapes
     cache: str | None = None  # how a generative model's cache is exported (ONNX metadata xsurgery.cache)
 
     @property
@@ -276,7 +276,9 @@ def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batc
     ref, shapes_v = None, None
     if verify or (dynamic and takes_inner_shape(layers)):
         ref, shapes_v = _run_recording(base, example_v, names)
-    inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
+    # other values of the same shape: the layers whose row count depends on them
+    same = _run_recording(base, resample(example, seed=2), names)[1] if takes_inner_shape(layers) else None
+    inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None, same)
     return _Prepared(base, layers, example, example_v, flat, in_names, in_axes, dynamic, opset, out, ref, shapes, inner,
                      cache)
 
