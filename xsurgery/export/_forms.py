@@ -176,8 +176,10 @@ def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tu
     return out
 
 
-def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
-    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw."""
+def _run_recording(model: nn.Module, example: tuple, names: list[str],
+                   varied: bool = False) -> tuple[Any, dict[str, list[tuple]]]:
+    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw; ``varied``:
+    the example is the dynamic export's verification input (another batch and sequence)."""
     from ..models import call, first_error_line, shapes_text
 
     seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
@@ -191,6 +193,10 @@ def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[
         with torch.no_grad():
             out = call(model, example)
     except Exception as exc:
+        if varied:
+            raise UserError(f"the model does not run on the example at twice its batch and half its sequence "
+                            f"({shapes_text(example)}: {first_error_line(exc)}), which a file with dynamic axes "
+                            f"must; export at the example's shapes: --static-batch N (static_batch= in Python)") from exc
         raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
                         f"{first_error_line(exc)}; give an input it takes (--input / --input-size)") from exc
     finally:
