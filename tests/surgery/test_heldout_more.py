@@ -296,7 +296,6 @@ def test_raft_refuses_a_small_input_in_one_line():
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.slow
 def test_raft_converts_at_the_smallest_input(tmp_path):
     """128 x 128: the correlation pyramid needs feature maps of 16 (the images / 8)."""
     torch.manual_seed(0)
