@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["deepcopy_model"]
+__all__ = ["deepcopy_model", "uncompiled"]
 
 
 def deepcopy_model(model: nn.Module) -> Any:
@@ -26,3 +26,15 @@ def deepcopy_model(model: nn.Module) -> Any:
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def uncompiled(model: Any) -> Any:
+    """The module a ``torch.compile``'d one wraps (its ``_orig_mod``: the same parameters), else ``model``.
+
+    Surgery, export and load work on the module itself: the compiled wrapper recompiles on every
+    changed layer, the TorchScript exporter refuses it, and its state-dict keys carry a
+    ``_orig_mod.`` prefix. Compile the result again if wanted.
+    """
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    wrapper = getattr(compiled, "OptimizedModule", None)
+    return model._orig_mod if wrapper is not None and isinstance(model, wrapper) else model

@@ -248,6 +248,12 @@ def _summary(rep: Report, folded: int, cut: int) -> list[str]:
         lines.append(f"... {cut} more rows not shown (--max-rows; --all: every layer)")
     if rep.trace_error and rep.method not in (None, "fx"):
         lines.append(f"note: torch.fx could not trace this model ({rep.trace_error}); layers were swapped by name")
+    empty = [r.name for r in rep.layers if r.note and "ran on 0 rows" in r.note]
+    if empty and rep.macs_known:
+        on = ", ".join(f"{i['name']} {list(i['shape'])}" for i in rep.inputs or []) or f"input {list(rep.input_size)}"
+        lines.append(f"MACs depend on the input's values: counted on the example ({on}), on which {len(empty)} layers "
+                     f"ran on 0 rows (a value-dependent path, e.g. a detection head without proposals), so count 0 "
+                     f"MACs; other inputs run them on more rows: {_names(empty)}")
     return lines
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util.copying import uncompiled
 from .._util.io import write_atomic, write_safetensors
 from .._util.text import safe_text
 from .._version import __version__
@@ -158,7 +159,7 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     except Exception as exc:  # safetensors raises its own error types
         raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
     _manifest.verify_weights(manifest, tensors, path, allow_nonfinite=allow_nonfinite)
-    dense = model if model is not None else _rebuild(path, manifest, trust_source=trust_source)
+    dense = uncompiled(model) if model is not None else _rebuild(path, manifest, trust_source=trust_source)
     if not isinstance(dense, nn.Module):
         raise UserError(f"model= must be an nn.Module (the dense model), got {type(dense).__name__}")
     if any(isinstance(m, X_LAYERS) for m in dense.modules()):

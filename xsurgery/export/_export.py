@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util.copying import deepcopy_model
+from .._util.copying import deepcopy_model, uncompiled
 from .._util.io import check_output, os_error, replace_from_temp, temp_beside
 from ..errors import UserError
 from . import _ort
@@ -32,7 +32,7 @@ from ._trace import (
     needs_flat_outputs,
     prepare_for_export,
 )
-from ._verify import _constant, _errors, _feed, _perturbed, _to_cpu
+from ._verify import _feed, _to_cpu, _verify
 from .runtimes import Runtime, get_runtime
 
 LAYOUTS = ("auto", "gather", "dense")
@@ -200,7 +200,7 @@ class _Prepared:
     out: Any  # the model's output on the example
     ref: Any  # ... on the verification input (None when neither verified nor needed)
     shapes: dict[str, list[tuple]]  # the input shapes each X-layer saw
-    inner: dict[str, tuple | None]
+    inner: dict[str, tuple | str | None]  # see _forms._inner_shapes
     cache: str | None = None  # how a generative model's cache is exported (ONNX metadata xsurgery.cache)
 
     @property
@@ -241,7 +241,7 @@ def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batc
     """Copy the model, resolve its example, run it recording each X-layer's input shapes."""
     from ..models import flat_tensors, input_names, resample, resolve
 
-    base = deepcopy_model(model).cpu().eval()
+    base = deepcopy_model(uncompiled(model)).cpu().eval()  # a torch.compile'd model: the module it wraps
     cache = prepare_for_export(base)
     if not allow_nonfinite:
         from ..checkpoint import check_finite
@@ -275,8 +275,10 @@ def _prepare(model: nn.Module, example_inputs: Any, input_size: Any, static_batc
     example_v = resample(example, seed=1, shape_fn=verify_shape)
     ref, shapes_v = None, None
     if verify or (dynamic and takes_inner_shape(layers)):
-        ref, shapes_v = _run_recording(base, example_v, names)
-    inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None)
+        ref, shapes_v = _run_recording(base, example_v, names, varied=dynamic)
+    # other values of the same shape: the layers whose row count depends on them
+    same = _run_recording(base, resample(example, seed=2), names)[1] if takes_inner_shape(layers) else None
+    inner = _inner_shapes(layers, shapes, shapes_v if dynamic else None, same)
     return _Prepared(base, layers, example, example_v, flat, in_names, in_axes, dynamic, opset, out, ref, shapes, inner,
                      cache)
 
@@ -334,53 +336,6 @@ def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, t
     if prep.layers:
         n_g = sum(v == "gather" for v in choices.values())
         log(f"layout {result.layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
-
-
-def _verify(prep: _Prepared, rt: Runtime, sess: Any, tmp: str, threads: int | None, rtol: float, atol: float,
-            result: ExportResult, log: Callable[..., Any]) -> None:
-    """Run the file on the verification input and compare with torch (raise above tolerance)."""
-    from ..models import flat_tensors
-
-    flat_v = flat_tensors(prep.example_v)
-    feed_v = _feed(prep.in_names, flat_v)
-    flat_ref = _flat_outputs(prep.ref)
-    vsess = rt.verify_session(tmp, threads, made=sess)
-    try:
-        got = rt.run(vsess, feed_v)
-    except Exception as exc:  # onnxruntime's own error types
-        text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot run the exported model on inputs of shapes "
-                        f"{[list(t.shape) for t in flat_v]} (batch/sequence changed to check the dynamic "
-                        f"axes): {text}; try --static-batch") from exc
-    if _constant(flat_ref, _flat_outputs(prep.out)) and all(torch.isfinite(r).all() for r in flat_ref):
-        flat_ref, got = _verify_perturbed(prep, rt, threads, feed_v, result, log)
-    abs_err, scale, rel = _errors(flat_ref, got)
-    result.max_abs_err, result.max_rel_err = abs_err, rel
-    log(f"verification (input {list(flat_v[0].shape)}): max abs err {abs_err:.3g}, max rel err {rel:.3g} "
-        f"(relative to max|output| = {scale:.3g})")
-    if not abs_err <= atol + rtol * scale:
-        raise UserError(f"{rt.label} output differs from torch: max abs err {abs_err:.3g} > "
-                        f"atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g}; nothing written")
-
-
-def _verify_perturbed(prep: _Prepared, rt: Runtime, threads: int | None, feed_v: dict[str, Any],
-                      result: ExportResult, log: Callable[..., Any]) -> tuple[list[torch.Tensor], list[Any]]:
-    """Outputs that are the same for every input verify nothing: (torch's, the runtime's) outputs
-    of a copy whose all-zero parameters are filled randomly, exported with the same layouts."""
-    from ..models import call
-
-    vmodel, filled = _perturbed(prep.base)
-    with torch.no_grad():
-        flat_ref = _flat_outputs(call(vmodel, prep.example_v))
-        still = _constant(flat_ref, _flat_outputs(call(vmodel, prep.example)))
-    if not filled or still:
-        raise UserError("the model's outputs are the same for every input, so verification compares "
-                        "nothing; check the weights (or pass --no-verify to export unverified)")
-    log(f"the outputs are the same for every input; verifying a copy with {len(filled)} all-zero "
-        f"parameter(s) ({', '.join(filled[:3])}) filled randomly, exported with the same layouts")
-    got = rt.run(rt.verify_session(prep.to_bytes(result.layers, vmodel), threads), feed_v)
-    result.verified_on = "perturbed copy: " + ", ".join(filled)
-    return flat_ref, got
 
 
 def _time(rt: Runtime, sess: Any, dense_sess: Any, feed: dict[str, Any], result: ExportResult,

@@ -12,6 +12,7 @@ math as ``Gather(x, index) -> Conv(group=G)`` with half the gathered channels.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from ..errors import UserError
 from ..layers import X_LAYERS, XConv1d, XConv2d, XConv3d, XLinear, conv_nd
 
 # the gather form of a layer: builder(layer, inner_shape) -> the module to export
+# inner_shape of a layer whose row count depends on the input's values (see _inner_shapes)
+ANY_ROWS = "any rows"
 GatherBuilder = Callable[..., nn.Module]
 
 
@@ -67,14 +70,20 @@ class _GatherLinear(nn.Module):
     The rows are laid out ``[1, C_in, M]`` (M = all leading positions) so that the Gather
     copies contiguous rows and the grouped Conv runs G GEMMs of ``[O/G, D] x [D, M]``; ORT's
     Gather on the innermost axis copies element by element and was up to 30x slower.
+
+    ORT's Conv refuses M = 0, so a layer whose row count depends on the input's values
+    (``inner_shape`` is :data:`ANY_ROWS`: a detection head, whose proposals may be none) runs
+    the same G GEMMs as one batched MatMul ``[G, O/G, D] x [G, D, M]``, which takes any M
+    (up to 1.6x slower than the Conv at some shapes, so only where the rows vary).
     """
 
-    def __init__(self, layer: XLinear, inner_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, layer: XLinear, inner_shape: tuple[int, ...] | str | None = None) -> None:
         super().__init__()
         self.blocks, self.in_features, self.out_features = layer.blocks, layer.in_features, layer.out_features
         # the dims between batch and features when they are fixed: the output reshape then has
         # a constant shape instead of a Shape/Gather/Concat chain per layer
-        self.inner_shape = inner_shape
+        self.any_rows = inner_shape == ANY_ROWS
+        self.inner_shape = None if self.any_rows else inner_shape
         self.identity = bool(layer._identity)
         self.register_buffer("index", layer.index.detach().clone())
         self.register_buffer("weight", layer.weight.detach().unsqueeze(-1).clone())  # [O, D, 1]
@@ -85,14 +94,14 @@ class _GatherLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).t().unsqueeze(0)  # [1, C_in, M]
         if not self.identity:
             rows = rows.index_select(1, self.index)
-        if rows.shape[-1] == 0:  # no rows (a detection head with no proposals): Conv refuses a 0-length
+        if self.any_rows or rows.shape[-1] == 0:  # rows that may be none: Conv refuses a 0-length
             # input, and reshape(-1, ...) of nothing is ambiguous: the same math as a batched matmul
-            g, d, m = self.blocks, self.weight.shape[1], rows.shape[-1]
-            y = torch.bmm(self.weight.view(g, self.out_features // g, d), rows.view(g, d, m))
-            y = y.reshape(1, self.out_features, m)
+            g, d = self.blocks, self.weight.shape[1]
+            y = torch.matmul(self.weight.view(g, self.out_features // g, d), rows.view(g, d, -1))
+            y = y.reshape(self.out_features, -1)  # [O, M]
             if self.bias is not None:
-                y = y + self.bias.view(1, -1, 1)
-            return y.squeeze(0).t().reshape(*x.shape[:-1], self.out_features)
+                y = y + self.bias.view(-1, 1)
+            return y.t().reshape(*x.shape[:-1], self.out_features)
         y = F.conv1d(rows, self.weight, self.bias, groups=self.blocks)  # [1, C_out, M]
         return y.squeeze(0).t().reshape(*lead, self.out_features)
 
@@ -152,7 +161,7 @@ def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, X_LAYERS)]
 
 
-def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | None = None) -> nn.Module:
+def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | str | None = None) -> nn.Module:
     if layout == "dense":
         return layer.to_dense()
     return form_for(type(layer)).gather(layer, inner_shape)
@@ -167,8 +176,10 @@ def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tu
     return out
 
 
-def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[Any, dict[str, list[tuple]]]:
-    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw."""
+def _run_recording(model: nn.Module, example: tuple, names: list[str],
+                   varied: bool = False) -> tuple[Any, dict[str, list[tuple]]]:
+    """``model(*args, **kwargs)`` and the distinct input shapes each named layer saw; ``varied``:
+    the example is the dynamic export's verification input (another batch and sequence)."""
     from ..models import call, first_error_line, shapes_text
 
     seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
@@ -182,6 +193,10 @@ def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[
         with torch.no_grad():
             out = call(model, example)
     except Exception as exc:
+        if varied:
+            raise UserError(f"the model does not run on the example at twice its batch and half its sequence "
+                            f"({shapes_text(example)}: {first_error_line(exc)}), which a file with dynamic axes "
+                            f"must; export at the example's shapes: --static-batch N (static_batch= in Python)") from exc
         raise UserError(f"the model does not run on the example input ({shapes_text(example)}): "
                         f"{first_error_line(exc)}; give an input it takes (--input / --input-size)") from exc
     finally:
@@ -190,18 +205,29 @@ def _run_recording(model: nn.Module, example: tuple, names: list[str]) -> tuple[
     return out, seen
 
 
-def _inner_shapes(layers, shapes: dict, other: dict | None) -> dict[str, tuple | None]:
+def _rows(shapes: list[tuple]) -> list[int]:
+    return [math.prod(s[:-1]) for s in shapes]
+
+
+def _inner_shapes(layers, shapes: dict, other: dict | None, same: dict | None = None) -> dict[str, tuple | str | None]:
     """Per layer whose form takes it (XLinear) the fixed dims of its input between batch and
-    features, if they are fixed.
+    features, if they are fixed; :data:`ANY_ROWS` where its row count depends on the values.
 
     ``other`` holds the shapes seen at twice the batch (dynamic export): only dims that do
     not change with the batch may become constants; ``None`` (static batch) trusts them all.
+    ``same`` holds the shapes seen on other values of the example's shape: a layer that saw
+    another row count there, or 0 rows anywhere, has rows that depend on the values (a
+    detection head's proposals).
     """
-    inner: dict[str, tuple | None] = {}
+    inner: dict[str, tuple | str | None] = {}
     for n, m in layers:
         if not form_for(type(m)).inner_shape:
             continue
         s = shapes[n]
+        r, r_same, r_other = _rows(s), _rows((same or {}).get(n, s)), _rows((other or {}).get(n, s))
+        if 0 in r + r_same + r_other or r_same != r:
+            inner[n] = ANY_ROWS
+            continue
         ok = len(s) == 1 and len(s[0]) >= 2
         if ok and other is not None:
             o = other[n]

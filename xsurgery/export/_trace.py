@@ -7,7 +7,7 @@ import dataclasses
 import io
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,29 +19,46 @@ from ..errors import UserError
 class _FlatInputs(nn.Module):
     """Calls ``model`` with the example's structure from a flat list of tensors (the ONNX inputs).
 
-    Positional inputs come first, then keyword inputs in the example's order; a list of
-    tensors (torchvision detection's images) is one entry per tensor.
+    Positional inputs come first, then keyword inputs in the example's order; a tensor nested
+    in a list, tuple or dict (torchvision detection's list of images, a ``batch`` dict) is one
+    entry per tensor, in the order :func:`xsurgery.models.flat_tensors` gives them, and values
+    that are not tensors stay the example's.
     """
 
     def __init__(self, model: nn.Module, example: tuple, flatten_out: bool = False) -> None:
         super().__init__()
         self.model = model
         self.flatten_out = flatten_out  # an output the exporter cannot take (a dataclass): its tensors
-        args, kwargs = example
-        self.layout = [("arg", None, len(a) if isinstance(a, list) else None) for a in args]
-        self.layout += [("kw", k, len(v) if isinstance(v, list) else None) for k, v in kwargs.items()]
+        self.skeleton = _skeleton(example)
 
     def forward(self, *flat: torch.Tensor) -> Any:
-        args, kwargs, i = [], {}, 0
-        for where, key, n in self.layout:
-            value = list(flat[i:i + n]) if n is not None else flat[i]
-            i += n if n is not None else 1
-            if where == "arg":
-                args.append(value)
-            else:
-                kwargs[key] = value
+        args, kwargs = _refill(self.skeleton, iter(flat))
         out = self.model(*args, **kwargs)
         return tuple(_flat_outputs(out)) if self.flatten_out else out
+
+
+class _Slot:
+    """Where one ONNX input goes in the example's structure."""
+
+
+def _skeleton(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return _Slot()
+    if isinstance(obj, Mapping):
+        return {k: _skeleton(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return (list if isinstance(obj, list) else tuple)(_skeleton(v) for v in obj)
+    return obj
+
+
+def _refill(obj: Any, flat: Any) -> Any:
+    if isinstance(obj, _Slot):
+        return next(flat)
+    if isinstance(obj, dict):
+        return {k: _refill(v, flat) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return (list if isinstance(obj, list) else tuple)(_refill(v, flat) for v in obj)
+    return obj
 
 
 def prepare_for_export(base: nn.Module) -> str | None:
@@ -93,7 +110,8 @@ def _plain(example: tuple) -> bool:
 
 
 def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) -> dict[str, dict[int, str]]:
-    """Batch on axis 0 of every input; sequence on axis 1 of integer (token) inputs.
+    """Batch on axis 0 of every input of the first one's batch; sequence on axis 1 of integer
+    (token) inputs.
 
     Token inputs of one length share one sequence axis (``input_ids`` and its
     ``attention_mask``); ``decoder_*`` inputs have their own (``decoder_sequence``, as
@@ -103,16 +121,18 @@ def _dynamic_axes(example: tuple, names: list[str], flat: list[torch.Tensor]) ->
     listed = isinstance(example[0][0], list) if example[0] else False
     axes: dict[str, dict[int, str]] = {}
     lengths: dict[str, int] = {}
+    batch = next((t.shape[0] for t in flat if t.dim()), None)
     for name, t in zip(names, flat):
         if listed and name.count(".") or t.dim() == 0:  # images of a list: [C, H, W], no batch axis
             continue
-        axes[name] = {0: "batch"}
+        # axis 0 is the batch where it has the first input's size (a graph's [2, E] edges: not)
+        axes[name] = {0: "batch"} if t.shape[0] == batch else {}
         if t.dim() >= 2 and not t.dtype.is_floating_point and t.dtype != torch.bool:
             axis = "decoder_sequence" if name.startswith("decoder_") else "sequence"
             if lengths.setdefault(axis, t.shape[1]) != t.shape[1]:
                 axis = f"{name}_sequence"
             axes[name][1] = axis
-    return axes
+    return {k: v for k, v in axes.items() if v}
 
 
 def _flat_outputs(obj: Any) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util.copying import deepcopy_model
+from .._util.copying import deepcopy_model, uncompiled
 from ..errors import UserError
 from ..graphs import build_graph, choose_blocks, degree_for, layer_seed, min_covering_degree
 from ..layers import X_LAYERS, SparsityConfig, kind_family, layer_kind
@@ -234,7 +234,7 @@ def convert(
             same example_inputs / input_size).
 
     Returns:
-        The converted model (same class as the input) and its :class:`~xsurgery.analysis.Report`.
+        The converted model (same class as the input; a ``torch.compile``'d input: its module's) and its :class:`~xsurgery.analysis.Report`.
     """
     from ..models import resolve as resolve_example
 
@@ -272,6 +272,7 @@ def _source(model: nn.Module | str, model_kwargs: dict[str, Any] | None, pretrai
     if isinstance(model, nn.Module):
         if model_kwargs or pretrained:
             raise UserError("model_kwargs/pretrained only apply when the model is given by name")
+        model = uncompiled(model)  # a torch.compile'd module: the one it wraps
         return model, type(model).__name__
     raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
 
