@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for net, rows in nets.items():
         on = [r for r in rows if r.get("front_latency") and r.get("latency") is not None]
-        lat = "measured" if on else "**latency not measured yet**"
+        lat = "measured" if on else "**not measured yet**"
         lines.append(f"- **{net}** ({len(rows)} variants, latency {lat}): best top-1 "
                      + ", ".join(f"{r['variant']} {r['top1']:.2f}" for r in sorted(rows, key=lambda r: -r["top1"])[:3])
                      + (f"; on the latency front: {', '.join(r['variant'] for r in on)}" if on else ""))
