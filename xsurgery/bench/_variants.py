@@ -99,7 +99,7 @@ _SPEC = re.compile(r"^(?P<family>[a-z][a-z0-9-]*)@(?P<value>[0-9]*\.?[0-9]+)(?::
 
 
 def _parse_options(text: str | None, name: str) -> dict[str, Any]:
-    import yaml
+    from .._util.text import load_yaml
 
     out: dict[str, Any] = {}
     for part in (text or "").split(","):
@@ -109,7 +109,7 @@ def _parse_options(text: str | None, name: str) -> dict[str, Any]:
         if not sep or key not in SURGERY_OPTIONS:
             raise UserError(f"variant {name!r}: option {part!r} is not one of {', '.join(SURGERY_OPTIONS)} "
                             f"as key=value (e.g. x@4:mixing=1)")
-        out[key] = yaml.safe_load(raw) if raw not in ("", None) else raw
+        out[key] = load_yaml(raw, f"variant {name!r} option {key}") if raw else raw
     return out
 
 

@@ -122,15 +122,14 @@ def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], 
 
 def _check_finished(run: SweepRun) -> None:
     """A finished run is reused only when it trained the recipe the sweep asks for now."""
-    import yaml
-
+    from .._util.io import read_limited
+    from .._util.text import MAX_YAML_BYTES, load_yaml
     from ..train import Recipe
 
     saved_path = os.path.join(run.folder, "recipe.yaml")
     if not run.done or not os.path.isfile(saved_path):
         return
-    with open(saved_path, encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
+    saved = load_yaml(read_limited(saved_path, MAX_YAML_BYTES, saved_path), saved_path) or {}
     now = Recipe.from_dict(run.recipe).to_dict()
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
