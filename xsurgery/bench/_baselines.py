@@ -25,26 +25,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..surgery import MACS_TOL, bisect_to_macs, forward_order, tp_prune
 
 BASELINES = ("thin", "tp", "tp8")
-MACS_TOL = 0.03  # relative MACs difference to the X-model the bisection must reach
 # round_to=8 moves the MACs in steps (a 64-channel layer has only 8 widths): tp8 takes the
 # nearest step whatever its distance; its macs_ratio in the results says where it landed
 MACS_TOL_ROUNDED = math.inf
-
-
-def _order(model: nn.Module, x: Any, call: Callable) -> list[str]:
-    """Names of the conv/linear modules in the order the forward runs them."""
-    seen: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, _n=n: seen.append(_n) if _n not in seen else None)
-             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    try:
-        with torch.no_grad():
-            call(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def _width(c: int, w: float) -> int:
@@ -57,7 +43,7 @@ def thin(model: nn.Module, width: float, x: Any, call: Callable) -> nn.Module:
     The first conv/linear keeps its inputs, the last one its outputs (the classes).
     Raises UserError where the channels do not line up (a flatten of spatial maps, heads).
     """
-    order = _order(model, x, call)
+    order = forward_order(model, x, call)
     if not order:
         raise UserError("thin needs a model with conv or linear layers")
     first, last = order[0], order[-1]
@@ -105,48 +91,11 @@ def thin(model: nn.Module, width: float, x: Any, call: Callable) -> nn.Module:
     return out
 
 
-def _tp_prune(model: nn.Module, ratio: float, x: Any, round_to: int | None) -> nn.Module:
-    import torch_pruning as tp
-
-    out = copy.deepcopy(model).eval()
-    order = _order(out, x, lambda m, v: m(v))
-    ignored = [out.get_submodule(order[-1])] if order else []
-    pruner = tp.pruner.MagnitudePruner(out, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
-    pruner.step()
-    return out
-
-
-def _bisect(build: Callable[[float], nn.Module], macs: Callable[[nn.Module], int], target: int, lo: float,
-            hi: float, shrink: bool, tol: float = MACS_TOL) -> tuple[nn.Module, float]:
-    """``build(p)`` whose MACs are nearest ``target``; MACs fall as ``p`` grows (``shrink``) or rise."""
-    best, best_err, best_p = None, math.inf, lo
-    for _ in range(14):
-        if hi - lo < 2e-3:  # rounded widths (tp8): no finer step to find
-            break
-        mid = (lo + hi) / 2
-        m = build(mid)
-        got = macs(m)
-        err = abs(got - target) / target
-        if err < best_err:
-            best, best_err, best_p = m, err, mid
-        if err <= MACS_TOL / 3:
-            break
-        if (got > target) == shrink:
-            lo = mid
-        else:
-            hi = mid
-    if best is None or best_err > tol:
-        raise UserError(f"could not match the X-model's MACs within {100 * tol:.0f}% "
-                        f"(closest {100 * best_err:.1f}% off)")
-    return best, best_p
-
-
 def baseline(kind: str, dense: nn.Module, target_macs: int, x: Any, macs: Callable[[nn.Module], int],
              call: Callable) -> tuple[nn.Module, dict[str, Any]]:
     """The ``kind`` baseline of ``dense`` at ``target_macs``; returns the model and how it was made."""
     if kind == "thin":
-        model, w = _bisect(lambda w: thin(dense, w, x, call), macs, target_macs, 0.05, 1.0, shrink=False)
+        model, w = bisect_to_macs(lambda w: thin(dense, w, x, call), macs, target_macs, 0.05, 1.0, shrink=False)
         return model, {"width": round(w, 4)}
     if kind in ("tp", "tp8"):
         try:
@@ -156,7 +105,7 @@ def baseline(kind: str, dense: nn.Module, target_macs: int, x: Any, macs: Callab
         if not isinstance(x, torch.Tensor):
             raise UserError("the tp variants need a single tensor input")
         round_to = 8 if kind == "tp8" else None
-        model, r = _bisect(lambda r: _tp_prune(dense, r, x, round_to), macs, target_macs, 0.0, 0.95, shrink=True,
+        model, r = bisect_to_macs(lambda r: tp_prune(dense, r, x, round_to), macs, target_macs, 0.0, 0.95, shrink=True,
                            tol=MACS_TOL_ROUNDED if round_to else MACS_TOL)
         return model, {"pruning_ratio": round(r, 4), "round_to": round_to}
     raise UserError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")

@@ -46,9 +46,9 @@ def summarize(runs: list[dict[str, Any]], latency: dict[str, float] | None) -> l
         rows.append({"variant": name, "seeds": sorted(r["seed"] for r in rs), "top1": top1, "top1_std": std,
                      "params": rs[0]["params"], "macs": rs[0]["macs"],
                      "latency": (latency or {}).get(name, math.nan), "curve": curve,
-                     "still_rising": still_rising(curve)})
-    for key, _ in COSTS:
-        marks = pareto_front([(float(r[key]), r["top1"]) for r in rows])
+                     "still_rising": still_rising(curve), "accuracy_only": bool(rs[0].get("accuracy_only"))})
+    for key, _ in COSTS:  # an accuracy-only row (unstructured sparsity) is never on a front
+        marks = pareto_front([(math.nan if r["accuracy_only"] else float(r[key]), r["top1"]) for r in rows])
         for r, on in zip(rows, marks):
             r[f"front_{key}"] = on
     return rows
@@ -64,6 +64,8 @@ def still_rising(curve: Sequence[float]) -> bool:
 
 
 def _num(v: float) -> str:
+    if math.isnan(v):
+        return "n/a"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
             return f"{v / scale:.2f} {unit}"
@@ -84,7 +86,13 @@ def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plo
         lines.append(f"| {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {_num(r['params'])} | "
                      f"{_num(r['macs'])} | {lat} | {fronts} |")
     lines += ["", "`*`: on the Pareto front of top-1 against that cost (no variant is at most as costly and "
-              "at least as accurate, and better in one).", ""]
+              "at least as accurate, and better in one)."]
+    if any(r.get("accuracy_only") for r in rows):
+        lines += ["Unstructured rows are accuracy only: their params are the nonzero weights of a dense model "
+                  "trained masked; nothing runs them faster, so they are not timed and on no front."]
+    if any(r["variant"].startswith("tp@") for r in rows):
+        lines += ["`tp@C` rows start from the trained dense run (its cost comes on top of their fine-tune epochs)."]
+    lines += [""]
     rising = [r["variant"] for r in rows if r.get("still_rising")]
     lines += ["Learning curves (`curves.png`, validation top-1 per epoch, first seed): "
               + (f"**still rising at the end** for {', '.join(rising)} (their last two epochs beat every earlier one "

@@ -11,52 +11,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
 from ._frontier import summarize, sweep_page, sweep_plots
+from ._sweep_measure import measure_runs
+from ._sweep_runs import SweepRun, slug
+from ._sweep_train import train_all
 from ._variants import Variant, parse_variant
 
 __all__ = ["SweepRun", "json_ready", "plan_sweep", "sweep"]
 
 
-@dataclass(frozen=True)
-class SweepRun:
-    """One training of the sweep: a variant at a seed, with its resolved recipe and folder."""
-
-    variant: Variant
-    seed: int
-    folder: str
-    recipe: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.variant.name}/s{self.seed}"
-
-    @property
-    def done(self) -> bool:
-        from ..train import RESULT
-
-        return os.path.isfile(os.path.join(self.folder, RESULT))
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-
-def _dense_macs(recipe: dict[str, Any]) -> int:
-    """MACs of the recipe's dense model at its input size (the ``wide-x`` budget)."""
+def _macs(recipe: dict[str, Any]) -> int:
+    """MACs of the model a recipe dict builds, at its input size (a budget: ``wide-x``, ``tp``)."""
     from ..analysis import report
-    from ..models import create_model
+    from ..train import Recipe, build_model
 
-    m = recipe["model"]
-    model = create_model(m["source"], dict(m.get("kwargs") or {}), False)
+    model = build_model(Recipe.from_dict(recipe))
     return int(report(model, input_size=tuple(recipe["data"]["input_size"])).totals["macs_after"])
 
 
@@ -90,10 +64,30 @@ def _iso_mac_compress(recipe: dict[str, Any], target: int) -> float:
     return min((lo, hi), key=lambda c: abs(macs(c) - target))
 
 
+def _dense_of(parsed: list[Variant]) -> Variant | None:
+    """The variant whose trained runs others start from: ``dense@1``, else the recipe's ``dense``."""
+    return next((v for v in parsed if v.family == "dense" and v.value == 1),
+                next((v for v in parsed if v.family == "recipe" and v.name == "dense"), None))
+
+
+def _seeds(out: str, v: Variant, seeds: Sequence[int]) -> list[int]:
+    """The asked seeds plus every seed of ``v`` already finished in ``out`` (the folder accumulates)."""
+    from ..train import RESULT
+
+    found = set()
+    folder = os.path.join(out, "runs", slug(v.name))
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            if entry[:1] == "s" and entry[1:].isdigit() and os.path.isfile(os.path.join(folder, entry, RESULT)):
+                found.add(int(entry[1:]))
+    return sorted(set(seeds) | found)
+
+
 def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
                out: str) -> list[SweepRun]:
-    """Every (variant, seed) run with its resolved recipe dict (checked by building a ``Recipe``)."""
-    from ..train import Recipe, apply_overrides, read_recipe_file
+    """Every (variant, seed) run with its resolved recipe dict (checked by building a ``Recipe``);
+    finished runs of the same variants at other seeds in ``out`` are included."""
+    from ..train import BEST, Recipe, apply_overrides, read_recipe_file
 
     if not variants:
         raise UserError("give at least one variant, e.g. --variants dense x@2")
@@ -102,19 +96,31 @@ def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], 
     raw = read_recipe_file(recipe_path)
     base = apply_overrides({k: v for k, v in raw.items() if k != "variants"}, list(overrides))
     parsed = [parse_variant(v, raw) for v in variants]
-    dense_macs = None
+    dense = _dense_of(parsed)
+    budgets: dict[str, int] = {}
     runs = []
     for v in parsed:
         d = apply_overrides(base, v.overrides)
         if v.target == "dense-macs":
-            dense_macs = dense_macs or _dense_macs(base)
-            d["surgery"]["compress"] = _iso_mac_compress(d, dense_macs)
-        for seed in seeds:
-            folder = os.path.join(out, "runs", _slug(v.name), f"s{seed}")
-            r = apply_overrides(d, {"seed": seed, "output": folder,
-                                    "name": f"{base.get('name', 'run')}-{_slug(v.name)}-s{seed}"})
+            budgets["dense"] = budgets.get("dense") or _macs(apply_overrides(base, {"surgery": None}))
+            d["surgery"]["compress"] = _iso_mac_compress(d, budgets["dense"])
+        elif v.target == "x-macs":  # the default X model's MACs at this compression
+            key = f"x@{v.value:g}"
+            budgets[key] = budgets.get(key) or _macs(apply_overrides(base, parse_variant(key, raw).overrides))
+            d["prune"]["target_macs"] = budgets[key]
+        if v.after == "dense" and dense is None:
+            raise UserError(f"{v.name} starts from the trained dense run: add dense@1 (or the recipe's dense) to --variants")
+        for seed in _seeds(out, v, seeds):
+            folder = os.path.join(out, "runs", slug(v.name), f"s{seed}")
+            extra: dict[str, Any] = {"seed": seed, "output": folder,
+                                     "name": f"{base.get('name', 'run')}-{slug(v.name)}-s{seed}"}
+            needs = None
+            if v.after == "dense":
+                needs = os.path.join(out, "runs", slug(dense.name), f"s{seed}")
+                extra["model.weights"] = os.path.join(needs, BEST)
+            r = apply_overrides(d, extra)
             Recipe.from_dict(r)  # every mistake before the first training
-            runs.append(SweepRun(v, seed, folder, r))
+            runs.append(SweepRun(v, seed, folder, r, needs))
     for run in runs:
         _check_finished(run)
     return runs
@@ -135,173 +141,6 @@ def _check_finished(run: SweepRun) -> None:
     if changed:
         raise UserError(f"{run.folder} holds a finished run of another recipe ({', '.join(changed)} differ); "
                         f"give the sweep another -o folder")
-
-
-class _Children:
-    """The training subprocesses running now, so that an interrupted sweep stops them too."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.lock, self.procs, self.stopping = threading.Lock(), set(), False
-
-    def run(self, cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-        with self.lock:
-            if self.stopping:
-                return -1, "interrupted"
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.procs.add(proc)
-        out, err = proc.communicate()
-        with self.lock:
-            self.procs.discard(proc)
-        tail = (err.strip().splitlines() or out.strip().splitlines() or [""])[-1]
-        return proc.returncode, tail
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopping = True
-            for proc in self.procs:
-                proc.terminate()  # training saves nothing half-written: --resume continues it
-
-
-def _train_one(run: SweepRun, out: str, threads: int, device: str,
-               children: _Children) -> tuple[SweepRun, int, str, float]:
-    """``xsurgery train`` on the run's recipe in a subprocess (``--resume`` where it started)."""
-    from .._util.io import write_text
-    from ..train import Recipe, recipe_to_yaml
-
-    recipes = os.path.join(out, "recipes")
-    os.makedirs(recipes, exist_ok=True)
-    path = os.path.join(recipes, f"{_slug(run.variant.name)}-s{run.seed}.yaml")
-    write_text(path, recipe_to_yaml(Recipe.from_dict(run.recipe)), force=True)
-    cmd = [sys.executable, "-m", "xsurgery.cli", "train", path, "--device", device, "--quiet"]
-    if os.path.isdir(run.folder) and os.listdir(run.folder):
-        cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.monotonic()
-    code, tail = children.run(cmd, env)
-    return run, code, tail, time.monotonic() - t0
-
-
-def _train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
-               log: Callable[[str], None]) -> list[str]:
-    """Train the unfinished runs, ``jobs`` at a time; a line per finished run; the failures."""
-    from .._util.progress import Bar
-
-    todo = [r for r in runs if not r.done]
-    if len(todo) < len(runs):
-        log(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished (skipped)")
-    failures: list[str] = []
-    children = _Children()
-    pool = ThreadPoolExecutor(max(1, jobs))
-    try:
-        with Bar(total=len(todo), desc="sweep: training") as bar:
-            futures = [pool.submit(_train_one, r, out, threads, device, children) for r in todo]
-            for fut in as_completed(futures):
-                run, code, tail, seconds = fut.result()
-                if code == 0 and run.done:
-                    res = _result(run)
-                    log(f"sweep: {run.key} done in {seconds:.0f} s: test top-1 {100 * res['test_top1']:.2f}%")
-                else:
-                    failures.append(f"{run.key}: {tail}")
-                    log(f"sweep: {run.key} FAILED (exit {code}): {tail}")
-                bar.update(1, info=run.key)
-    except BaseException:  # Ctrl-C, SIGTERM: no queued run starts, the running ones stop (resumable)
-        children.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return failures
-
-
-def _curve(run: SweepRun) -> list[float]:
-    """The run's validation (else test) top-1 per epoch, from its ``metrics.jsonl``."""
-    path = os.path.join(run.folder, "metrics.jsonl")
-    curve = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                curve.append(rec.get("val_top1", rec.get("test_top1")))
-    return [float(v) for v in curve if v is not None]
-
-
-def _result(run: SweepRun) -> dict[str, Any]:
-    from ..train import RESULT
-
-    with open(os.path.join(run.folder, RESULT), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batch: int, threads: int,
-                  repeat: int, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
-    """Per run: top-1, params, MACs; per variant: its seed-0 (first) file's latency / dense."""
-    import torch
-
-    from ..analysis import report
-    from ..checkpoint import load
-    from ..train import BEST
-
-    rows, models = [], {}
-    for run in runs:
-        if not run.done:
-            continue
-        model = load(os.path.join(run.folder, BEST))
-        size = tuple(run.recipe["data"]["input_size"])
-        totals = report(model, input_size=size).totals
-        rows.append({"variant": run.variant.name, "family": run.variant.family, "seed": run.seed,
-                     "folder": run.folder, "params": int(totals["params_after"]), "macs": int(totals["macs_after"]),
-                     "curve": _curve(run), **_result(run)})
-        models.setdefault(run.variant.name, (model, size, run.variant))
-    if runtime is None or not models:
-        return rows, None
-    dense = _reference(models)
-    if dense is None:
-        log("sweep: no dense variant finished; latency is not measured (add 'dense' or 'dense@1')")
-        return rows, None
-    from .._util.progress import Bar
-    from ..export import export_onnx
-    from ._measure import measure, runtime_runner
-
-    folder = os.path.join(out, "onnx")
-    os.makedirs(folder, exist_ok=True)
-    runners = {}
-    with Bar(total=len(models), desc="sweep: exporting") as bar:
-        for name, (model, size, _) in models.items():
-            path = os.path.join(folder, f"{_slug(name)}.onnx")
-            x = torch.randn(batch, *size)
-            export_onnx(model, path, example_inputs=x, force=True, verbose=False, runtime=runtime, threads=threads)
-            runners[name] = runtime_runner(runtime, path, x, threads)
-            bar.update(1, info=name)
-    busy = _busy()
-    if busy:
-        log(f"sweep: {busy}; latencies taken now are not to be trusted: run the sweep again on a quiet machine "
-            f"(finished runs are skipped, only the timing is redone)")
-    timings = measure(runners, repeat=repeat)
-    ratios = {n: t.median_ms / timings[dense].median_ms for n, t in timings.items()}
-    return rows, ratios
-
-
-def _busy() -> str | None:
-    """A description of the load when other work competes for the cores (None: quiet enough)."""
-    if not hasattr(os, "getloadavg"):
-        return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    return f"the machine is busy (load {load:.1f} on {cores} cores)" if load > 0.75 * cores else None
-
-
-def _reference(models: dict[str, tuple[Any, Any, Variant]]) -> str | None:
-    """The dense model latencies are divided by: ``dense@1``, else a recipe variant ``dense``
-    without X-layers."""
-    from ..layers import X_LAYERS
-
-    for name, (_model, _, v) in models.items():
-        if v.family == "dense" and v.value == 1:
-            return name
-    for name, (model, _, _v) in models.items():
-        if name == "dense" and not any(isinstance(m, X_LAYERS) for m in model.modules()):
-            return name
-    return None
 
 
 def sweep(
@@ -336,8 +175,8 @@ def sweep(
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     runs = plan_sweep(recipe, variants, seeds, overrides, out)
-    failures = _train_all(runs, out, jobs, threads, device, log)
-    rows, latency = _measure_runs(runs, out, runtime, batch, latency_threads, repeat, log)
+    failures = train_all(runs, out, jobs, threads, device, log)
+    rows, latency = measure_runs(runs, out, runtime, batch, latency_threads, repeat, log)
     if not rows:
         raise UserError(f"no run of the sweep finished ({failures[0] if failures else 'nothing trained'})")
     summary_rows = summarize(rows, latency)
@@ -357,7 +196,7 @@ def _write(out: str, rows: list[dict[str, Any]], summary: list[dict[str, Any]], 
     results = os.path.join(out, "results")
     os.makedirs(results, exist_ok=True)
     for r in rows:
-        write_text(os.path.join(results, f"{_slug(r['variant'])}-s{r['seed']}.json"),
+        write_text(os.path.join(results, f"{slug(r['variant'])}-s{r['seed']}.json"),
                    json.dumps(json_ready(r), indent=1, default=_plain) + "\n", force=True)
     write_text(os.path.join(out, "summary.json"),
                json.dumps(json_ready({"meta": meta, "variants": summary}), indent=1, default=_plain) + "\n", force=True)

@@ -178,6 +178,9 @@ def validate(manifest: dict[str, Any], path: str) -> None:
     digest = manifest.get("weights")
     _need(digest is None or (isinstance(digest, dict) and isinstance(digest.get("tensors"), dict)), path,
           "manifest weights must be an object with a tensors table")
+    pruned = manifest.get("pruned")
+    _need(pruned is None or (isinstance(pruned, dict) and isinstance(pruned.get("shapes"), dict)), path,
+          "manifest pruned must be an object with a shapes table")
     extra = manifest.get("extra")
     _need(extra is None or isinstance(extra, dict), path, "manifest extra must be an object")
 

@@ -83,6 +83,7 @@ def manifest_of(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "source": source,
         "surgery": getattr(model, "_xsurgery_spec", None),
+        **({"pruned": model._xsurgery_pruned} if getattr(model, "_xsurgery_pruned", None) else {}),
         "input_size": getattr(model, "_xsurgery_input_size", None),
         "layers": layers,
         "versions": _versions(),
@@ -151,7 +152,7 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     """
     from safetensors.torch import load_file
 
-    from ..surgery import SurgerySpec, apply_surgery
+    from ..surgery import SurgerySpec, apply_surgery, resize_modules
 
     manifest = read_manifest(path)
     try:
@@ -165,6 +166,12 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     if any(isinstance(m, X_LAYERS) for m in dense.modules()):
         raise UserError("model= must be the dense model as built, before xsurgery.convert; the checkpoint's surgery is applied to it")
     built = dense
+    if manifest.get("pruned") is not None:  # channel counts of a pruned model: data, checked name by name
+        import copy
+
+        built = dense = resize_modules(copy.deepcopy(dense) if model is not None else dense,
+                                       manifest["pruned"]["shapes"], f"{path}: its manifest's pruned shapes")
+        model = None  # a copy already
     if manifest.get("surgery") is not None:
         try:
             # a spec saved before mix_points existed had the graph at every layer
@@ -199,6 +206,8 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
         raise UserError(f"{path}: graphs of {', '.join(bad[:3])} do not match the manifest; the file was altered, "
                         f"is corrupt, or model= is not the architecture it was saved from")
     built._xsurgery_manifest = manifest
+    if manifest.get("pruned") is not None:
+        built._xsurgery_pruned = manifest["pruned"]
     built._xsurgery_source = manifest["source"]
     if manifest.get("input_size"):
         built._xsurgery_input_size = manifest["input_size"]

@@ -13,15 +13,23 @@ from ._convert import (
     decide,
     load_plan,
 )
+from ._prune import MACS_TOL, bisect_to_macs, forward_order, prune_to_macs, pruned_shapes, resize_modules, tp_prune
 
 __all__ = [
+    "MACS_TOL",
     "Decision",
     "KINDS",
     "LayerRule",
     "SurgerySpec",
     "apply_surgery",
+    "bisect_to_macs",
     "check_outputs",
     "convert",
     "decide",
+    "forward_order",
     "load_plan",
+    "prune_to_macs",
+    "pruned_shapes",
+    "resize_modules",
+    "tp_prune",
 ]

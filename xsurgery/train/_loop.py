@@ -58,23 +58,34 @@ LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 def build_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model: created from its source, converted unless ``surgery`` is None.
+    """The recipe's model: created from its source, then converted (``surgery``), pruned to a
+    MACs budget (``prune``) or masked at the surgery's densities (``unstructured``), or dense.
 
     Seeded from ``recipe.seed`` so that every process (and every resume) builds the same one.
     """
     from ..models import create_model
-    from ..surgery import convert
+    from ..surgery import convert, prune_to_macs
 
     torch.manual_seed(recipe.seed)
     m = recipe.model
-    if recipe.surgery is None:
+    size = tuple(recipe.data.input_size)
+    if recipe.surgery is None or recipe.unstructured:
         model = create_model(m.source, dict(m.kwargs), m.pretrained)
-        model._xsurgery_input_size = list(recipe.data.input_size)
+        model._xsurgery_input_size = list(size)
+        if recipe.prune is not None:
+            model, _ = prune_to_macs(model, recipe.prune.target_macs, size, round_to=recipe.prune.round_to)
+        if recipe.unstructured:
+            from ._masks import apply_masks, unstructured_masks
+
+            s = recipe.surgery.to_dict()
+            s.pop("version", None)
+            converted, _ = convert(m.source, model_kwargs=dict(m.kwargs), input_size=size, check=False, **s)
+            model._xsurgery_masks = unstructured_masks(model, converted, recipe.seed)
+            apply_masks(model, model._xsurgery_masks)
         return model
     s = recipe.surgery.to_dict()
     s.pop("version", None)
-    model, _ = convert(m.source, model_kwargs=dict(m.kwargs), pretrained=m.pretrained,
-                       input_size=tuple(recipe.data.input_size), **s)
+    model, _ = convert(m.source, model_kwargs=dict(m.kwargs), pretrained=m.pretrained, input_size=size, **s)
     return model
 
 
@@ -195,6 +206,11 @@ class _Trainer:
                        dist.device)
         self.opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                                    nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
+        masks = getattr(model, "_xsurgery_masks", None)
+        if masks:  # unstructured: masked-out weights stay zero after every step
+            from ._masks import apply_masks
+
+            self.opt.register_step_post_hook(lambda *_: apply_masks(model, masks))
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     def resume(self) -> bool:

@@ -19,7 +19,7 @@ from .._util.text import safe_repr
 from ..errors import UserError
 from .data import DataSpec
 
-__all__ = ["RECIPE_VERSION", "DataSpec", "ModelSpec", "OptimSpec", "Recipe", "ScheduleSpec"]
+__all__ = ["RECIPE_VERSION", "DataSpec", "ModelSpec", "OptimSpec", "PruneSpec", "Recipe", "ScheduleSpec"]
 
 RECIPE_VERSION = 1
 SCHEDULES = ("step", "cosine", "constant")
@@ -81,6 +81,22 @@ class ScheduleSpec:
             raise UserError("schedule.warmup_epochs, schedule.min_lr must be >= 0 and schedule.gamma > 0")
 
 
+@dataclass(frozen=True)
+class PruneSpec:
+    """Prune the (dense, loaded) model to a MACs budget before training: Torch-Pruning's L2
+    magnitude pruner, one ratio for every layer, the classifier kept (``round_to``: widths a
+    multiple of it). With the dense weights of a trained run this is prune + fine-tune."""
+
+    target_macs: int = 0
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_macs < 1:
+            raise UserError("prune.target_macs must be a positive number of MACs")
+        if self.round_to is not None and self.round_to < 1:
+            raise UserError("prune.round_to must be >= 1 or null")
+
+
 def _surgery_type():
     from ..surgery import SurgerySpec
 
@@ -91,6 +107,11 @@ def _surgery_type():
 class Recipe:
     """Everything a training run needs; ``surgery: None`` is the dense baseline.
 
+    ``prune`` prunes the dense model to a MACs budget instead of converting it (no ``surgery``).
+    ``unstructured: true`` keeps the layers the surgery selects dense and trains them masked:
+    each keeps a seeded random set of its weights, as many as its X-layer would have (the
+    unstructured reference of the literature; the saved model is dense with zeros).
+
     ``surgery`` holds a :class:`xsurgery.surgery.SurgerySpec` (the keyword arguments of
     :func:`xsurgery.convert`). ``batch_size`` is global: it is split evenly across processes
     under ``torchrun``. ``output`` defaults to ``runs/<name>``.
@@ -99,6 +120,8 @@ class Recipe:
     name: str = "run"
     model: ModelSpec = field(default_factory=ModelSpec)
     surgery: Any = None
+    prune: PruneSpec | None = None
+    unstructured: bool = False
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
@@ -118,6 +141,10 @@ class Recipe:
             raise UserError("epochs and batch_size must be >= 1 and workers >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.prune is not None and self.surgery is not None:
+            raise UserError("a recipe prunes (prune:) or converts (surgery:), not both; set surgery: null")
+        if self.unstructured and self.surgery is None:
+            raise UserError("unstructured: true takes its layers and densities from surgery:; give one")
 
     @property
     def output_dir(self) -> str:
