@@ -234,3 +234,16 @@ def test_cli_convert_to_folder_then_report_and_load(tmp_path, capsys):
     assert "add --format hf" in capsys.readouterr().err
     assert main(["convert", "hf/bert", "--model-kwargs", json.dumps(BERT), "--format", "hf"]) == 2
     assert "-o FOLDER" in capsys.readouterr().err
+
+
+def test_half_precision_reloads_in_its_dtype(converted, tmp_path):
+    import copy
+
+    model = copy.deepcopy(converted["gpt2"]).to(torch.bfloat16).eval()
+    folder = str(tmp_path / "bf16")
+    xsurgery.save(model, folder, format="hf")
+    loaded = xsurgery.load(folder)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[3, 9, 27]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

@@ -110,6 +110,8 @@ def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, A
     """
     if format not in SAVE_FORMATS:
         raise UserError(f"unknown save format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
+    if format == "xs" and str(path).endswith(("/", os.sep)):
+        raise UserError(f"{path} names a folder: pass format='hf' to write a Hugging Face folder, or name an .xs file")
     if format == "xs" and (tokenizer is not None or processor is not None):
         raise UserError("tokenizer= and processor= are saved only in a Hugging Face folder: pass format='hf'")
     manifest = manifest_of(model)

@@ -265,5 +265,8 @@ def hf_model_from_config(fields: dict[str, Any], where: str, *, attn_implementat
     except Exception as exc:  # a value the library cannot build with
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{where}: {config_cls.__name__} cannot build {arch[0]} from it: {safe_text(first, 160)}") from None
-    _check_size(model_type, config_cls.__name__, n_params, True)
+    try:
+        _check_size(model_type, config_cls.__name__, n_params, True)
+    except UserError as exc:
+        raise UserError(f"{where}: {str(exc).split('; make it smaller')[0]}") from None
     return model_cls(config).eval()
