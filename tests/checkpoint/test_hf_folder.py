@@ -247,3 +247,26 @@ def test_half_precision_reloads_in_its_dtype(converted, tmp_path):
     ids = torch.tensor([[3, 9, 27]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_transformers_from_pretrained_model_keeps_its_tokenizer(tmp_path):
+    """The user's flow: a local folder loaded with transformers, converted, saved as a folder."""
+    import transformers
+
+    src = tmp_path / "bert-local"
+    config = transformers.BertConfig(**BERT)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(str(src))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sparse", "net"]) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(str(src))
+    dense = transformers.BertModel.from_pretrained(str(src)).eval()
+    model, _ = xsurgery.convert(dense, compress=2)
+    folder = str(tmp_path / "bert-x2")
+    xsurgery.save(model, folder, format="hf")
+    assert "tokenizer_config.json" in os.listdir(folder)
+    assert transformers.AutoTokenizer.from_pretrained(folder)("sparse net")["input_ids"] == [2, 5, 6, 3]
+    loaded = xsurgery.hf.from_pretrained(folder)  # a model converted from an object: built from config.json
+    assert json.load(open(os.path.join(folder, "config.json")))["xsurgery"]["source"]["source"] == "object"
+    before, after = _outputs(model.eval(), "bert"), _outputs(loaded, "bert")
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
