@@ -24,6 +24,10 @@ def __getattr__(name):
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "hf":  # xsurgery.hf.from_pretrained(folder)
+        from .checkpoint import hf
+
+        return hf
     raise AttributeError(f"module 'xsurgery' has no attribute {name!r}")
 
 
@@ -38,6 +42,7 @@ __all__ = [
     "__version__",
     "build_graph",
     "convert",
+    "hf",
     "load",
     "report",
     "save",

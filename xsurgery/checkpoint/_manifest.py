@@ -38,6 +38,8 @@ MAX_NODES = 2_000_000
 MAX_STRING = 4096
 MAX_INPUT_DIM = 1 << 16
 DIGEST_ALGORITHM = "sha256"
+FORMAT = "xsurgery-checkpoint"
+FORMAT_VERSION = 1
 CONSENT = "pass trust_source=True (CLI --trust-source) if you trust this file, or build the model yourself and call xsurgery.load(path, model=...)"
 
 

@@ -26,11 +26,11 @@ from torch import nn
 
 from .._util.copying import uncompiled
 from .._util.io import write_atomic, write_safetensors
-from .._util.text import safe_text
 from .._version import __version__
 from ..errors import UserError
 from ..layers import X_LAYERS
-from . import _manifest
+from . import _hf_folder, _manifest
+from ._apply import assemble
 
 __all__ = ["FORMAT", "is_checkpoint_path", "load", "load_dense", "read_manifest", "resolve_model", "save", "write_atomic"]
 
@@ -38,8 +38,10 @@ CHECKPOINT_SUFFIXES = (".xs", ".safetensors")
 
 
 def is_checkpoint_path(source: str) -> bool:
-    """A string names a checkpoint when it ends like one or is an existing file."""
-    return isinstance(source, str) and (source.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(source))
+    """A string names a checkpoint when it ends like one, is an existing file, or is a folder
+    with a ``config.json`` (a Hugging Face folder written by ``save(..., format="hf")``)."""
+    return isinstance(source, str) and (source.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(source)
+                                        or _hf_folder.is_folder(source))
 
 
 def source_of(model: nn.Module) -> dict[str, Any]:
@@ -51,8 +53,9 @@ def source_of(model: nn.Module) -> dict[str, Any]:
     return {"source": "object", "class": f"{cls.__module__}.{cls.__qualname__}", "model_kwargs": {},
             "pretrained": False}
 
-FORMAT = "xsurgery-checkpoint"
-FORMAT_VERSION = 1
+FORMAT = _manifest.FORMAT
+FORMAT_VERSION = _manifest.FORMAT_VERSION
+SAVE_FORMATS = ("xs", "hf")
 _META_KEY = "xsurgery"
 
 
@@ -90,29 +93,59 @@ def manifest_of(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def save(model: nn.Module, path: str, *, force: bool = False, extra: dict[str, Any] | None = None,
+         format: str = "xs", tokenizer: Any = None, processor: Any = None) -> dict[str, Any]:
     """Write ``model`` to ``path`` (safetensors weights + manifest); returns the manifest.
 
     Args:
         model: any model: converted by :func:`xsurgery.convert` (from a name or an
             ``nn.Module``), loaded, or dense.
-        path: output file (``.xs`` by convention).
-        force: overwrite an existing file.
+        path: output file (``.xs`` by convention), or with ``format="hf"`` the folder to write.
+        force: overwrite an existing file (with ``format="hf"``: a folder xsurgery wrote).
         extra: JSON-able fields added to the manifest under ``"extra"``.
+        format: ``"xs"`` (one safetensors file) or ``"hf"``: a Hugging Face folder
+            (``config.json`` with the manifest as its ``xsurgery`` section,
+            ``model.safetensors``, tokenizer/processor files) for a transformers model.
+        tokenizer: with ``format="hf"``, a transformers tokenizer to save beside the model.
+        processor: with ``format="hf"``, a transformers processor / image processor to save.
     """
+    if format not in SAVE_FORMATS:
+        raise UserError(f"unknown save format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
+    if format == "xs" and str(path).endswith(("/", os.sep)):
+        raise UserError(f"{path} names a folder: pass format='hf' to write a Hugging Face folder, or name an .xs file")
+    if format == "xs" and (tokenizer is not None or processor is not None):
+        raise UserError("tokenizer= and processor= are saved only in a Hugging Face folder: pass format='hf'")
     manifest = manifest_of(model)
     if extra:
         manifest["extra"] = extra
     # clones: tied weights share storage, which safetensors refuses
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     manifest["weights"] = _manifest.weights_digest(tensors)
+    if format == "hf":
+        _hf_folder.write_folder(model, path, manifest, tensors, force=force, tokenizer=tokenizer, processor=processor)
+        return manifest
     meta = {_META_KEY: json.dumps(manifest, sort_keys=True)}
     write_safetensors(path, tensors, metadata=meta, force=force)
     return manifest
 
 
+def check_save_target(path: str, *, format: str = "xs", force: bool = False) -> None:
+    """Refuse, before any work, an output :func:`save` could not write (exists without
+    ``force``, a folder where a file is wanted or the reverse, a missing or read-only folder)."""
+    from .._util.io import check_output
+
+    if format not in SAVE_FORMATS:
+        raise UserError(f"unknown save format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
+    if format == "hf":
+        _hf_folder.check_target(path, force=force)
+    else:
+        check_output(path, force=force)
+
+
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of a checkpoint, validated; :class:`UserError` for anything unreadable."""
+    if _hf_folder.is_folder(path):
+        return _hf_folder.read_folder_manifest(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     manifest, _table = _manifest.read_bounded(path, _META_KEY)
@@ -131,7 +164,9 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     (torchvision, timm, the zoo, ``hf/...``) taking the recorded JSON kwargs.
 
     Args:
-        path: an xsurgery checkpoint.
+        path: an xsurgery checkpoint, or a Hugging Face folder written by
+            ``save(..., format="hf")`` (the dense model is built from its ``config.json``,
+            only from transformers' own classes; ``trust_source`` does not apply).
         model: a freshly built *dense* model of the recorded architecture (needed when the
             checkpoint was converted from an object or an import path); the recorded surgery
             is applied to a copy of it. Without it, the model is rebuilt from the recorded
@@ -152,8 +187,8 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
     """
     from safetensors.torch import load_file
 
-    from ..surgery import SurgerySpec, apply_surgery, resize_modules
-
+    if _hf_folder.is_folder(path):
+        return _hf_folder.load_folder(path, model=model, map_location=map_location, allow_nonfinite=allow_nonfinite)
     manifest = read_manifest(path)
     try:
         tensors = load_file(path, device="cpu")
@@ -161,57 +196,7 @@ def load(path: str, *, model: nn.Module | None = None, map_location: str = "cpu"
         raise UserError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0][:100]})") from exc
     _manifest.verify_weights(manifest, tensors, path, allow_nonfinite=allow_nonfinite)
     dense = uncompiled(model) if model is not None else _rebuild(path, manifest, trust_source=trust_source)
-    if not isinstance(dense, nn.Module):
-        raise UserError(f"model= must be an nn.Module (the dense model), got {type(dense).__name__}")
-    if any(isinstance(m, X_LAYERS) for m in dense.modules()):
-        raise UserError("model= must be the dense model as built, before xsurgery.convert; the checkpoint's surgery is applied to it")
-    built = dense
-    if manifest.get("pruned") is not None:  # channel counts of a pruned model: data, checked name by name
-        import copy
-
-        built = dense = resize_modules(copy.deepcopy(dense) if model is not None else dense,
-                                       manifest["pruned"]["shapes"], f"{path}: its manifest's pruned shapes")
-        model = None  # a copy already
-    if manifest.get("surgery") is not None:
-        try:
-            # a spec saved before mix_points existed had the graph at every layer
-            spec = SurgerySpec.from_dict({"mix_points": "every", **manifest["surgery"]})
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{path}: its manifest's surgery is invalid ({str(exc).splitlines()[0][:160]})") from exc
-        names = [d["name"] for d in manifest.get("layers", [])]
-        built, decisions, _ = apply_surgery(dense, spec, only=names)
-        missing = sorted(set(names) - {d.name for d in decisions if d.converted})
-        if missing:
-            raise UserError(f"{path}: its manifest converts {', '.join(safe_text(n, 80) for n in missing[:3])}, which the "
-                            f"model has no convertible layer for; the file was altered, is corrupt, or model= is not "
-                            f"the architecture it was saved from")
-    elif model is not None:
-        import copy
-
-        built = copy.deepcopy(dense)
-    tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    try:
-        built.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2]
-        raise UserError(f"{path}: weights do not match the model its manifest describes ({' '.join(first)[:160]})") from exc
-    entries = {d["name"]: d for d in manifest.get("layers", [])}
-    for n, m in built.named_modules():
-        if isinstance(m, X_LAYERS):  # in range, distinct per block, the recorded D and G: not only the digests
-            _manifest.check_index(path, n, m, entries.get(n))
-    recorded = {d["name"]: d["index_hash"] for d in manifest.get("layers", [])}
-    found = {n: m.graph.hash() for n, m in built.named_modules() if isinstance(m, X_LAYERS)}
-    if recorded != found:
-        bad = sorted(n for n in set(recorded) | set(found) if recorded.get(n) != found.get(n))
-        raise UserError(f"{path}: graphs of {', '.join(bad[:3])} do not match the manifest; the file was altered, "
-                        f"is corrupt, or model= is not the architecture it was saved from")
-    built._xsurgery_manifest = manifest
-    if manifest.get("pruned") is not None:
-        built._xsurgery_pruned = manifest["pruned"]
-    built._xsurgery_source = manifest["source"]
-    if manifest.get("input_size"):
-        built._xsurgery_input_size = manifest["input_size"]
-    return built
+    return assemble(path, manifest, tensors, dense, copy_dense=model is not None, map_location=map_location)
 
 
 def _rebuild(path: str, manifest: dict[str, Any], *, trust_source: bool = False) -> nn.Module:
@@ -232,6 +217,8 @@ def load_dense(path: str, *, trust_source: bool = False, allow_nonfinite: bool =
     """The dense architecture a checkpoint was converted from (random weights), for a baseline
     such as ``xsurgery bench``: the file is first loaded and checked as :func:`load` does."""
     load(path, trust_source=trust_source, allow_nonfinite=allow_nonfinite)
+    if _hf_folder.is_folder(path):
+        return _hf_folder.dense_of_folder(path)
     return _rebuild(path, read_manifest(path), trust_source=trust_source)
 
 

@@ -183,16 +183,21 @@ def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in ("target_macs", "target_params", "match_macs")}
 
 
-def add_output_args(p: argparse.ArgumentParser, *, table: bool = True, force: bool = True) -> None:
+def add_output_args(p: argparse.ArgumentParser, *, table: bool = True, force: bool = True,
+                    save_formats: bool = False) -> None:
     """The output convention of every command: ``--json [FILE]`` (stdout without FILE), ``--force``,
-    and for commands that print a table ``--format``, ``--max-rows``, ``--all``, ``--width``."""
+    and for commands that print a table ``--format``, ``--max-rows``, ``--all``, ``--width``
+    (``save_formats``: ``--format hf`` also names how ``-o`` is written, the table printed as a table)."""
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write JSON to FILE (atomic; --force to overwrite), or to stdout without FILE")
     if force:
         p.add_argument("--force", action="store_true", help="overwrite existing output files")
     if table:
-        p.add_argument("--format", dest="fmt", choices=("table", "markdown", "csv", "json"), default="table",
-                       help="how to print the table on stdout (default table)")
+        extra = ("hf",) if save_formats else ()
+        p.add_argument("--format", dest="fmt", choices=("table", "markdown", "csv", "json", *extra), default="table",
+                       help="how to print the table on stdout (default table)"
+                       + ("; hf: write -o as a Hugging Face folder (config.json + model.safetensors), the table "
+                          "printed as a table" if save_formats else ""))
         p.add_argument("--max-rows", type=int, default=None, metavar="N",
                        help="collapse repeated identical layers past N rows (default 40) and cut the rest")
         p.add_argument("--all", dest="show_all", action="store_true", help="every layer on its own row")

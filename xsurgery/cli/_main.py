@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -82,10 +83,21 @@ def _check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ..checkpoint import save
+    from ..checkpoint import check_save_target, save
     from ..surgery import convert
 
-    _check_outputs(args, args.output, args.json, args.plot)
+    save_format = "hf" if args.fmt == "hf" else "xs"
+    if save_format == "hf":
+        if not args.output:
+            raise UserError("--format hf writes a Hugging Face folder: name it with -o FOLDER")
+        args.fmt = "table"
+        check_save_target(args.output, format="hf", force=args.force)
+    elif args.output and args.output.endswith(("/", os.sep)):
+        raise UserError(f"-o {args.output} names a folder: add --format hf to write a Hugging Face folder, "
+                        f"or name an .xs file")
+    _check_outputs(args, args.output if save_format == "xs" else None, args.json, args.plot)
+    if save_format == "hf" and args.output in (args.json, args.plot):
+        raise UserError("-o and --json/--plot name the same path; give them different names")
     model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
                          model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
                          allow_none=args.allow_none, **surgery_kwargs(args), **budget_kwargs(args))
@@ -103,7 +115,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(textwrap.fill(_budget_line(rep.budget), width=max(width, 40), subsequent_indent="  "))
     _plot_report(rep, args)
     if args.output:
-        save(model, args.output, force=args.force)
+        save(model, args.output, force=args.force, format=save_format)
         _status(args, f"wrote {args.output}")
     return 0
 
@@ -227,11 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a model with X-layers and print the params/FLOPs report")
     add_model_args(p)
     add_surgery_args(p, budget=True)
-    p.add_argument("-o", "--output", default=None, metavar="OUT.xs", help="write the converted model (safetensors)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.xs",
+                   help="write the converted model (safetensors; with --format hf a Hugging Face folder)")
     p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
     p.add_argument("--no-check", action="store_true",
                    help="skip running original and converted on the example to compare their outputs")
-    add_output_args(p)
+    add_output_args(p, save_formats=True)
     _add_plot_arg(p, "per-layer params, MACs and spectral gap as a picture")
     p.set_defaults(func=_cmd_convert)
 

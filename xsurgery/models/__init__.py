@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .hf import ATTENTION, hf_architecture, hf_model_from_config
 from .inputs import (
     DTYPES,
     Example,
@@ -29,6 +30,7 @@ from .inputs import (
 from .sources import LIBRARY_PREFIXES, create_model, is_library_name, timm_is_model, torchvision_names, zoo_models
 
 __all__ = [
+    "ATTENTION",
     "DTYPES",
     "Example",
     "InputSpec",
@@ -41,6 +43,8 @@ __all__ = [
     "describe",
     "first_error_line",
     "flat_tensors",
+    "hf_architecture",
+    "hf_model_from_config",
     "from_description",
     "from_specs",
     "input_names",

@@ -5,6 +5,12 @@ weights: nothing is downloaded. ``model_kwargs`` override config fields (a field
 does not have is an error, not silently stored). Attention runs as plain matmuls
 (``attn_implementation="eager"``) so that the report counts its MACs, and the KV cache is off
 so that outputs are plain tensors (exportable). transformers is optional (``xsurgery[hf]``).
+
+:func:`hf_model_from_config` builds the dense model a saved ``config.json`` describes (a
+Hugging Face folder written by ``xsurgery.save(..., format="hf")``): the config is data, so
+its class comes only from transformers' own tables (``model_type`` in ``CONFIG_MAPPING``,
+``architectures`` among the model classes transformers registers for that type), never
+remote code or an import path, and its fields are bounded as ``--model-kwargs`` are.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import nn
 from .._util.text import safe_repr, safe_text
 from ..errors import UserError
 
-__all__ = ["SHORT_NAMES", "create_hf_model"]
+__all__ = ["ATTENTION", "SHORT_NAMES", "create_hf_model", "hf_architecture", "hf_model_from_config"]
 
 # short name -> (config class, model class)
 SHORT_NAMES: dict[str, tuple[str, str]] = {
@@ -171,3 +177,96 @@ def _check_size(name: str, config_name: str, n: int, overridden: bool) -> None:
         raise UserError(f"hf/{name}: {what} {count} parameters ({4 * n / 1e9:.1f} GB in float32, about "
                         f"twice that to convert), more than the {memory / 1e9:.1f} GB available; make it smaller "
                         f"with --model-kwargs, e.g. '{{\"num_hidden_layers\": 2, \"hidden_size\": 256}}'")
+
+
+# attention implementations a saved folder may ask for: transformers also takes hub kernel
+# names ("kernels-community/..."), which would download code; a file never chooses those
+ATTENTION = ("eager", "sdpa")
+# config.json keys transformers writes beside the config's own fields
+_CONFIG_META = ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                "auto_map", "attn_implementation")
+
+
+def _registered_classes(tf, model_type: str) -> set[str]:
+    """Model class names transformers' auto tables register for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attr in dir(modeling_auto):
+        table = getattr(modeling_auto, attr)
+        if attr.endswith("_MAPPING_NAMES") and isinstance(table, dict) and model_type in table:
+            value = table[model_type]
+            names.update(value if isinstance(value, (list, tuple)) else [value])
+    return {n for n in names if isinstance(n, str)}
+
+
+def hf_architecture(model: nn.Module) -> str | None:
+    """The class name a folder records for ``model`` (a transformers class registered for its
+    config's ``model_type``), or None when ``model`` is not such a model."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return None
+    cls = type(model)
+    config = getattr(model, "config", None)
+    if not (isinstance(model, tf.PreTrainedModel) and cls.__module__.startswith("transformers.")
+            and isinstance(getattr(config, "model_type", None), str)):
+        return None
+    if getattr(tf, cls.__name__, None) is not cls or cls.__name__ not in _registered_classes(tf, config.model_type):
+        return None
+    return cls.__name__
+
+
+def hf_model_from_config(fields: dict[str, Any], where: str, *, attn_implementation: str = "eager") -> nn.Module:
+    """The dense model (random weights, eval mode) a ``config.json``'s fields describe.
+
+    Args:
+        fields: the parsed ``config.json`` (bounded JSON; the ``xsurgery`` section removed).
+        where: names the file in error messages.
+        attn_implementation: one of :data:`ATTENTION`.
+
+    Raises:
+        UserError: transformers missing, a ``model_type`` or architecture transformers does
+            not register, a field of the wrong type or out of bounds, a model too large.
+    """
+    tf = _transformers()
+    if attn_implementation not in ATTENTION:
+        raise UserError(f"{where}: attention implementation {safe_repr(attn_implementation, 60)} is not one of "
+                        f"{', '.join(ATTENTION)}; the file was altered")
+    model_type = fields.get("model_type")
+    mapping = tf.models.auto.configuration_auto.CONFIG_MAPPING
+    if not isinstance(model_type, str) or model_type not in mapping:
+        raise UserError(f"{where}: model_type {safe_repr(model_type, 60)} is not a transformers model type here; "
+                        f"xsurgery builds only transformers' own models (never remote code)")
+    arch = fields.get("architectures")
+    registered = _registered_classes(tf, model_type)
+    if not (isinstance(arch, list) and len(arch) == 1 and isinstance(arch[0], str) and arch[0] in registered):
+        raise UserError(f"{where}: architectures {safe_repr(arch, 80)} is not one transformers class registered for "
+                        f"model_type {model_type!r}; the file was altered or was not written by xsurgery")
+    model_cls = getattr(tf, arch[0], None)
+    if not (isinstance(model_cls, type) and issubclass(model_cls, tf.PreTrainedModel)
+            and model_cls.__module__.startswith("transformers.")):
+        raise UserError(f"{where}: {safe_text(arch[0], 60)} is not a transformers model class here")
+    config_cls = mapping[model_type]
+    default = config_cls()
+    own = {k: v for k, v in fields.items() if k not in _CONFIG_META}
+    try:
+        _check_fields(model_type, config_cls.__name__, default, own)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}; the file was altered") from None
+    kept = {k: v for k, v in fields.items() if k not in ("auto_map", "attn_implementation", "_name_or_path")}
+    try:
+        config = config_cls.from_dict(kept)
+        config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in model_cls(config).parameters())
+    except UserError:
+        raise
+    except Exception as exc:  # a value the library cannot build with
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: {config_cls.__name__} cannot build {arch[0]} from it: {safe_text(first, 160)}") from None
+    try:
+        _check_size(model_type, config_cls.__name__, n_params, True)
+    except UserError as exc:
+        raise UserError(f"{where}: {str(exc).split('; make it smaller')[0]}") from None
+    return model_cls(config).eval()
