@@ -170,3 +170,47 @@ def test_the_defaults_rule_reads_gaps_off_the_latency_front():
     assert g["dense"] == g["thin"] == g["tiny"] == 0.0
     assert g["x@4"] == pytest.approx(0.5) and g["x@4:mixing=1"] == pytest.approx(1.0) and g["slow"] == pytest.approx(1.0)
     assert "untimed" not in g and tool.gaps([dict(r, latency=None) for r in rows]) == {}
+
+
+def test_tp_and_unstructured_variants_plan_from_the_dense_run(tmp_path):
+    from xsurgery.analysis import report
+    from xsurgery.train import Recipe, build_model
+
+    with pytest.raises(UserError, match="add dense@1"):
+        plan_sweep(DIGITS, ["tp@4"], [0], [], str(tmp_path))
+    runs = plan_sweep(DIGITS, ["dense", "x@4", "tp@4:epochs=2", "unstructured@4"], [0, 1], ["epochs=8"],
+                      str(tmp_path))
+    by = {(r.variant.name, r.seed): r for r in runs}
+    tp = by[("tp@4:epochs=2", 1)]
+    assert tp.recipe["surgery"] is None and tp.recipe["epochs"] == 2
+    assert tp.needs == by[("dense", 1)].folder and tp.recipe["model"]["weights"].startswith(tp.needs)
+    assert tp.recipe["optim"]["lr"] == pytest.approx(0.05 / 10)  # a tenth of the recipe's rate
+    x_macs = report(build_model(Recipe.from_dict(by[("x@4", 0)].recipe)), input_size=(1, 16, 16)).totals["macs_after"]
+    assert tp.recipe["prune"]["target_macs"] == x_macs
+    assert by[("tp@4:epochs=2", 0)].recipe["model"]["weights"] != tp.recipe["model"]["weights"]  # per seed
+    un = by[("unstructured@4", 0)]
+    assert un.variant.accuracy_only and un.recipe["unstructured"] is True and un.recipe["surgery"]["compress"] == 4.0
+    with pytest.raises(UserError, match="not one of"):
+        plan_sweep(DIGITS, ["dense", "tp@4:mixing=2"], [0], [], str(tmp_path))
+
+
+def test_an_accuracy_only_row_is_on_no_front():
+    from xsurgery.bench._frontier import summarize
+
+    base = {"seed": 0, "test_top1": 0.5, "params": 10, "macs": 10, "curve": []}
+    rows = summarize([{**base, "variant": "dense", "test_top1": 0.9, "params": 100, "macs": 100},
+                      {**base, "variant": "unstructured@4", "test_top1": 0.95, "params": 25, "macs": math.nan,
+                       "accuracy_only": True}], {"dense": 1.0})
+    assert [r["front_params"] for r in rows] == [True, False] and [r["front_latency"] for r in rows] == [True, False]
+
+
+def test_extra_finished_seeds_in_the_folder_are_included(tmp_path):
+    from xsurgery.train import RESULT
+
+    runs = plan_sweep(DIGITS, ["dense"], [0], [], str(tmp_path))
+    other = os.path.join(os.path.dirname(runs[0].folder), "s7")
+    os.makedirs(other)
+    assert [r.seed for r in plan_sweep(DIGITS, ["dense"], [0], [], str(tmp_path))] == [0]  # not finished: not a run
+    with open(os.path.join(other, RESULT), "w") as f:
+        f.write("{}")
+    assert [r.seed for r in plan_sweep(DIGITS, ["dense"], [0], [], str(tmp_path))] == [0, 7]
