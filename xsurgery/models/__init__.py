@@ -27,6 +27,7 @@ from .inputs import (
     shapes_text,
 )
 from .sources import LIBRARY_PREFIXES, create_model, is_library_name, timm_is_model, torchvision_names, zoo_models
+from .weights import load_weights, read_state_dict
 
 __all__ = [
     "DTYPES",
@@ -46,9 +47,11 @@ __all__ = [
     "input_names",
     "is_library_name",
     "known_image_size",
+    "load_weights",
     "normalize",
     "parse_input_spec",
     "per_sample_size",
+    "read_state_dict",
     "positional_names",
     "resample",
     "resolve",

@@ -11,7 +11,10 @@ from ._convert import (
     check_outputs,
     convert,
     decide,
+    layer_rows,
     load_plan,
+    project,
+    ridge_solve,
 )
 
 __all__ = [
@@ -23,5 +26,8 @@ __all__ = [
     "check_outputs",
     "convert",
     "decide",
+    "layer_rows",
     "load_plan",
+    "project",
+    "ridge_solve",
 ]
