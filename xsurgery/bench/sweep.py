@@ -23,7 +23,7 @@ from ..errors import UserError
 from ._frontier import summarize, sweep_page, sweep_plots
 from ._variants import Variant, parse_variant
 
-__all__ = ["SweepRun", "json_ready", "plan_sweep", "sweep"]
+__all__ = ["SweepRun", "check_finished", "json_ready", "plan_sweep", "sweep", "train_runs"]
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,11 @@ def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], 
             Recipe.from_dict(r)  # every mistake before the first training
             runs.append(SweepRun(v, seed, folder, r))
     for run in runs:
-        _check_finished(run)
+        check_finished(run)
     return runs
 
 
-def _check_finished(run: SweepRun) -> None:
+def check_finished(run: SweepRun) -> None:
     """A finished run is reused only when it trained the recipe the sweep asks for now."""
     from .._util.io import read_limited
     from .._util.text import MAX_YAML_BYTES, load_yaml
@@ -183,9 +183,11 @@ def _train_one(run: SweepRun, out: str, threads: int, device: str,
     return run, code, tail, time.monotonic() - t0
 
 
-def _train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
+def train_runs(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
                log: Callable[[str], None]) -> list[str]:
-    """Train the unfinished runs, ``jobs`` at a time; a line per finished run; the failures."""
+    """Train the unfinished runs, ``jobs`` at a time (``xsurgery train`` subprocesses of ``threads``
+    threads, ``--resume`` where one started); a line per finished run; the failures. Also the
+    fine-tuning matrix's trainer (``tools/finetune_matrix.py``)."""
     from .._util.progress import Bar
 
     todo = [r for r in runs if not r.done]
@@ -336,7 +338,7 @@ def sweep(
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     runs = plan_sweep(recipe, variants, seeds, overrides, out)
-    failures = _train_all(runs, out, jobs, threads, device, log)
+    failures = train_runs(runs, out, jobs, threads, device, log)
     rows, latency = _measure_runs(runs, out, runtime, batch, latency_threads, repeat, log)
     if not rows:
         raise UserError(f"no run of the sweep finished ({failures[0] if failures else 'nothing trained'})")
