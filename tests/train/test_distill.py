@@ -127,3 +127,23 @@ def test_torchrun_two_processes_with_a_teacher(tmp_path, dense_run):
     assert rec["train_loss"] == pytest.approx(0.5 * rec["train_task_loss"] + 0.5 * rec["train_distill_loss"], rel=1e-6)
     assert set(xsurgery.load(str(out / "last.xs")).state_dict()) == set(build_model(load_recipe(
         DIGITS, [*SMALL, f"teacher={dense_run}"])).state_dict())
+
+
+def test_runs_saved_before_the_new_recipe_fields_resume_and_are_reused(tmp_path):
+    import yaml
+
+    from xsurgery.bench import SweepRun, Variant, check_finished
+
+    recipe = _recipe(tmp_path, "old", "epochs=2")
+    train(recipe, stop_after_epoch=1, quiet=True)
+    path = tmp_path / "old" / "recipe.yaml"
+    saved = yaml.safe_load(path.read_text())
+    for key in ("calibration_batches", "teacher", "distill"):
+        saved.pop(key)
+    saved["model"].pop("weights")
+    path.write_text(yaml.safe_dump(saved))  # as a run started by an older xsurgery wrote it
+    assert len(train(recipe, resume=True, quiet=True)) == 2
+    path.write_text(yaml.safe_dump(saved))
+    check_finished(SweepRun(Variant("x", "x"), 0, str(tmp_path / "old"), recipe.to_dict()))  # no error: same recipe
+    with pytest.raises(UserError, match="another recipe"):
+        check_finished(SweepRun(Variant("x", "x"), 0, str(tmp_path / "old"), {**recipe.to_dict(), "epochs": 5}))

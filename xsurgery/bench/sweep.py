@@ -131,6 +131,10 @@ def check_finished(run: SweepRun) -> None:
         return
     saved = load_yaml(read_limited(saved_path, MAX_YAML_BYTES, saved_path), saved_path) or {}
     now = Recipe.from_dict(run.recipe).to_dict()
+    try:  # fields added to recipes since the run finished hold their defaults
+        saved = Recipe.from_dict(saved).to_dict()
+    except (UserError, TypeError, ValueError):
+        pass
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"{run.folder} holds a finished run of another recipe ({', '.join(changed)} differ); "
