@@ -257,6 +257,23 @@ def _summary(rep: Report, folded: int, cut: int) -> list[str]:
     return lines
 
 
+def _projection_grid(rep: Report) -> Grid | None:
+    """init="project": each converted layer's relative output error on the calibration data."""
+    p = rep.projection
+    if not p:
+        return None
+
+    def pct(v: Any) -> str:
+        return "" if v is None else f"{100 * v:.2f}%"
+
+    rows = [[safe_text(r["name"], 1 << 12), pct(r.get("keep_error")), pct(r.get("project_error")), str(r.get("rows", ""))]
+            for r in p.get("layers", [])]
+    note = (f"init=project: relative output error ||Y_x - Y_dense|| / ||Y_dense|| of each layer on the dense "
+            f"model's inputs, {p.get('batches')} {p.get('data', 'calibration')} batch(es), ridge {p.get('ridge'):g}")
+    return Grid(["projected layer", "keep error", "project error", "rows"], rows,
+                frozenset({"keep error", "project error", "rows"}), [], None, [note])
+
+
 def _layouts(rep: Report, groups: list[tuple[str, list[LayerRow]]]) -> list[Grid]:
     return [_report_grid(rep, groups, set(_STEPS[:step])) for step in range(len(_STEPS) + 1)]
 
@@ -297,6 +314,13 @@ def render_report(rep: Report, console=None, max_rows: int | None = None, *, sho
     print_grid(_totals_grid(rep), console, target)
     for note in notes:
         _print_note(console, note, target)
+    proj = _projection_grid(rep)
+    if proj is not None:
+        console.print()
+        notes, proj.notes = proj.notes, []
+        print_grid(proj, console, target)
+        for note in notes:
+            _print_note(console, note, target)
 
 
 def report_markdown(rep: Report, max_rows: int | None = None, show_all: bool = False) -> str:
@@ -305,6 +329,9 @@ def report_markdown(rep: Report, max_rows: int | None = None, show_all: bool = F
     grid = _report_grid(rep, groups, set())
     out = [f"**{safe_text(grid.title or '', 1 << 12)}**", "", grid.markdown(), "", _totals_grid(rep).markdown(), ""]
     out += [f"{safe_text(line, 1 << 12)}  " for line in _summary(rep, folded, cut) + grid.notes]
+    proj = _projection_grid(rep)
+    if proj is not None:
+        out += ["", proj.markdown(), "", *[f"{safe_text(line, 1 << 12)}  " for line in proj.notes]]
     return "\n".join(out).rstrip()
 
 

@@ -58,6 +58,8 @@ class Report:
     trace_error: str | None = None
     inputs: list[dict[str, Any]] | None = None  # name/shape/dtype per input tensor; None: no forward ran
     macs_known: bool = True  # False when there was no example input: params only, MACs None
+    # init="project" only: {"batches", "ridge", "data", "layers": [{name, rows, keep_error, project_error}]}
+    projection: dict[str, Any] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -99,6 +101,7 @@ class Report:
             **({"trace_error": self.trace_error} if self.trace_error is not None else {}),
             "totals": self.totals,
             "layers": [r.to_dict() for r in self.layers],
+            **({"projection": self.projection} if self.projection is not None else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -112,7 +115,7 @@ class Report:
         t = d["totals"]
         return cls(d["model"], list(d["input_size"]), rows, int(t["params_before"]), int(t["params_after"]),
                    int(d.get("batch", 1)), d.get("method"), d.get("trace_error"), d.get("inputs"),
-                   t.get("macs_before") is not None)
+                   t.get("macs_before") is not None, d.get("projection"))
 
     def render(self, console=None, max_rows: int | None = None, *, show_all: bool = False,
                width: int | None = None, fmt: str = "table") -> None:

@@ -31,7 +31,8 @@ from ._measure import (
 )
 from ._output import csv_table, markdown_table, plot, print_table, write_json
 from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
-from .sweep import plan_sweep, sweep
+from ._variants import Variant
+from .sweep import SweepRun, check_finished, plan_sweep, sweep, train_runs
 
 __all__ = [
     "ALL_BACKENDS",
@@ -59,4 +60,8 @@ __all__ = [
     "pareto_front",
     "plan_sweep",
     "sweep",
+    "SweepRun",
+    "Variant",
+    "check_finished",
+    "train_runs",
 ]

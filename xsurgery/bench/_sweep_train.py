@@ -11,7 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ._sweep_runs import SweepRun, result, slug
 
-__all__ = ["train_all"]
+__all__ = ["train_runs"]
 
 
 class _Children:
@@ -66,9 +66,12 @@ def _train_one(run: SweepRun, out: str, threads: int, device: str,
     return run, code, tail, time.monotonic() - t0
 
 
-def train_all(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
+def train_runs(runs: list[SweepRun], out: str, jobs: int, threads: int, device: str,
                log: Callable[[str], None]) -> list[str]:
-    """Train the unfinished runs, ``jobs`` at a time; a line per finished run; the failures."""
+    """Train the unfinished runs, ``jobs`` at a time (``xsurgery train`` subprocesses of ``threads``
+    threads, ``--resume`` where one started; a run that ``needs`` another starts once that one has
+    finished); a line per finished run; the failures. Also the fine-tuning matrix's trainer
+    (``tools/finetune_matrix.py``)."""
     from .._util.progress import Bar
 
     todo = [r for r in runs if not r.done]

@@ -19,10 +19,10 @@ from ..errors import UserError
 from ._frontier import summarize, sweep_page, sweep_plots
 from ._sweep_measure import measure_runs
 from ._sweep_runs import SweepRun, slug
-from ._sweep_train import train_all
+from ._sweep_train import train_runs
 from ._variants import Variant, parse_variant
 
-__all__ = ["SweepRun", "json_ready", "plan_sweep", "sweep"]
+__all__ = ["SweepRun", "check_finished", "json_ready", "plan_sweep", "sweep", "train_runs"]
 
 
 def _macs(recipe: dict[str, Any]) -> int:
@@ -122,11 +122,11 @@ def plan_sweep(recipe_path: str, variants: Sequence[str], seeds: Sequence[int], 
             Recipe.from_dict(r)  # every mistake before the first training
             runs.append(SweepRun(v, seed, folder, r, needs))
     for run in runs:
-        _check_finished(run)
+        check_finished(run)
     return runs
 
 
-def _check_finished(run: SweepRun) -> None:
+def check_finished(run: SweepRun) -> None:
     """A finished run is reused only when it trained the recipe the sweep asks for now."""
     from .._util.io import read_limited
     from .._util.text import MAX_YAML_BYTES, load_yaml
@@ -137,6 +137,10 @@ def _check_finished(run: SweepRun) -> None:
         return
     saved = load_yaml(read_limited(saved_path, MAX_YAML_BYTES, saved_path), saved_path) or {}
     now = Recipe.from_dict(run.recipe).to_dict()
+    try:  # fields added to recipes since the run finished hold their defaults
+        saved = Recipe.from_dict(saved).to_dict()
+    except (UserError, TypeError, ValueError):
+        pass
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"{run.folder} holds a finished run of another recipe ({', '.join(changed)} differ); "
@@ -175,7 +179,7 @@ def sweep(
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     runs = plan_sweep(recipe, variants, seeds, overrides, out)
-    failures = train_all(runs, out, jobs, threads, device, log)
+    failures = train_runs(runs, out, jobs, threads, device, log)
     rows, latency = measure_runs(runs, out, runtime, batch, latency_threads, repeat, log)
     if not rows:
         raise UserError(f"no run of the sweep finished ({failures[0] if failures else 'nothing trained'})")

@@ -151,7 +151,9 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
                         "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "
                         "the graph at every layer; auto (default): chain at mixing 1, else every")
     g.add_argument("--seed", type=seed_arg, default=0)
-    g.add_argument("--init", default="kaiming", help="kaiming (default) or keep (copy kept dense weights)")
+    g.add_argument("--init", default="kaiming",
+                   help="kaiming (default), keep (copy kept dense weights) or project (refit them to the dense "
+                        "layer's outputs on calibration data; convert --calibration)")
     g.add_argument("--layers", nargs="+", default=["pointwise", "conv", "linear"],
                    help="kinds to convert: pointwise conv linear (default: all)")
     g.add_argument("--include", nargs="+", default=[], metavar="GLOB", help="convert these despite the defaults")

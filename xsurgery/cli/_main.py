@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 from .._version import __version__
@@ -98,9 +99,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     _check_outputs(args, args.output if save_format == "xs" else None, args.json, args.plot)
     if save_format == "hf" and args.output in (args.json, args.plot):
         raise UserError("-o and --json/--plot name the same path; give them different names")
-    model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
-                         model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
-                         allow_none=args.allow_none, **surgery_kwargs(args), **budget_kwargs(args))
+    calibration = None
+    if args.calibration is not None:
+        if args.init != "project":
+            raise UserError("--calibration is used by --init project only")
+        from ..train import load_recipe
+
+        calibration = load_recipe(args.calibration, [f"calibration_batches={args.calibration_batches}"]
+                                  if args.calibration_batches is not None else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, rep = convert(args.model, input_size=args.input_size, example_inputs=example_arg(args),
+                             model_kwargs=args.model_kwargs, pretrained=args.pretrained, check=not args.no_check,
+                             allow_none=args.allow_none, weights=args.weights, calibration=calibration,
+                             **surgery_kwargs(args), **budget_kwargs(args))
+    for w in caught:
+        if "calibrat" in str(w.message):  # ours: one plain line
+            print(f"xsurgery: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     data = {**rep.to_dict(), **({"budget": rep.budget} if rep.budget else {})}
     _emit_json(data, args.json, args.force)
     if rep.budget and args.fmt == "json" and args.json != "-":
@@ -241,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_surgery_args(p, budget=True)
     p.add_argument("-o", "--output", default=None, metavar="OUT.xs",
                    help="write the converted model (safetensors; with --format hf a Hugging Face folder)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="dense weights loaded before the surgery: safetensors, a dense .xs checkpoint, or a torch "
+                        "file of tensors only (read with weights_only=True)")
+    p.add_argument("--calibration", default=None, metavar="RECIPE",
+                   help="--init project: fit on batches of this training recipe's training split (default: the "
+                        "example input, with a warning)")
+    p.add_argument("--calibration-batches", type=int, default=None, metavar="N",
+                   help="batches of the recipe to calibrate on (default: its calibration_batches, 8)")
     p.add_argument("--allow-none", action="store_true", help="accept a surgery that converts no layer")
     p.add_argument("--no-check", action="store_true",
                    help="skip running original and converted on the example to compare their outputs")

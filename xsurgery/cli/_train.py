@@ -15,6 +15,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     flags = [o for o in overrides if o.startswith("-")]
     if flags:
         raise UserError(f"put options such as {flags[0]} before the key=value overrides")
+    if args.weights is not None:
+        overrides.append(f"model.weights={args.weights}")
     recipe = load_recipe(args.recipe, overrides, variant=args.variant)
     if args.dry_run:
         model = build_model(recipe)
@@ -41,6 +43,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML file (recipes/<name>.yaml, or just <name>)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05 epochs=3")
     p.add_argument("--variant", default=None, help="one of the recipe file's variants (e.g. dense)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="dense weights loaded before the surgery (same as model.weights=FILE)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     p.add_argument("--force", action="store_true", help="start over even if the output folder has a run")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")

@@ -28,6 +28,7 @@ from .inputs import (
     shapes_text,
 )
 from .sources import LIBRARY_PREFIXES, create_model, is_library_name, timm_is_model, torchvision_names, zoo_models
+from .weights import load_weights, read_state_dict
 
 __all__ = [
     "ATTENTION",
@@ -50,9 +51,11 @@ __all__ = [
     "input_names",
     "is_library_name",
     "known_image_size",
+    "load_weights",
     "normalize",
     "parse_input_spec",
     "per_sample_size",
+    "read_state_dict",
     "positional_names",
     "resample",
     "resolve",

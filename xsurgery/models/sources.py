@@ -99,7 +99,7 @@ def _call(factory, name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def create_model(
-    source: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False
+    source: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False, *, weights: str | None = None
 ) -> nn.Module:
     """Build a model from a library name or an import path (checkpoints: ``xsurgery.load``).
 
@@ -110,6 +110,9 @@ def create_model(
         model_kwargs: keyword arguments for the factory (e.g. ``{"num_classes": 10}``).
         pretrained: ask the library for its weights; fails with a :class:`UserError` when
             they cannot be had.
+        weights: a local file of dense weights (safetensors, or a torch file read with
+            ``weights_only=True``) loaded into the built model; see
+            :func:`xsurgery.models.weights.load_weights`. Not with ``pretrained``.
 
     Raises:
         UserError: unknown name, bad kwargs, a file path, weights unavailable.
@@ -117,6 +120,8 @@ def create_model(
     if not isinstance(source, str) or not source:
         raise UserError("model must be a name such as resnet50, timm/vit_tiny_patch16_224, or pkg.mod:factory")
     kwargs = dict(model_kwargs or {})
+    if weights is not None and pretrained:
+        raise UserError("give --weights FILE or --pretrained, not both")
     if os.path.isfile(source):
         raise UserError(f"{source} is a file, not a model name; open checkpoints with xsurgery.load "
                         f"(`xsurgery report`/`export` take them)")
@@ -165,6 +170,10 @@ def create_model(
         close = difflib.get_close_matches(source, pool, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() or timm.list_models()"
         raise UserError(f"unknown model {source!r}{hint}")
+    if weights is not None:
+        from .weights import load_weights
+
+        load_weights(model, weights)
     model._xsurgery_source = {"source": source, "model_kwargs": kwargs, "pretrained": bool(pretrained)}
     return model
 

@@ -11,7 +11,10 @@ from ._convert import (
     check_outputs,
     convert,
     decide,
+    layer_rows,
     load_plan,
+    project,
+    ridge_solve,
 )
 from ._prune import MACS_TOL, bisect_to_macs, forward_order, prune_to_macs, pruned_shapes, resize_modules, tp_prune
 
@@ -27,7 +30,10 @@ __all__ = [
     "convert",
     "decide",
     "forward_order",
+    "layer_rows",
     "load_plan",
+    "project",
+    "ridge_solve",
     "prune_to_macs",
     "pruned_shapes",
     "resize_modules",

@@ -25,6 +25,7 @@ from ._budget import budget_targets, fit_budget, record_reached
 from ._fx import Trace
 from ._mixpoints import place_mix_points
 from ._outcheck import check_outputs
+from ._project import DEFAULT_RIDGE, calibration_batches, layer_rows, project, ridge_solve
 from ._reasons import LayerContext, is_layer_candidate, other_decisions
 from ._spec import (
     KINDS,
@@ -38,7 +39,7 @@ from ._spec import (
 )
 
 __all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "apply_surgery", "check_outputs", "convert", "decide",
-           "load_plan"]
+           "layer_rows", "load_plan", "project", "ridge_solve"]
 
 # ---------------------------------------------------------------------------- decisions
 
@@ -132,7 +133,8 @@ def apply_surgery(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
         if not d.converted:
             continue
         dense = modules[d.name]
-        layer = layer_kind(dense).x_class.from_dense(dense, graph=d._graph, init=spec.init, execution=spec.execution)
+        init = "keep" if spec.init == "project" else spec.init  # project refits the kept weights (convert)
+        layer = layer_kind(dense).x_class.from_dense(dense, graph=d._graph, init=init, execution=spec.execution)
         layer.train(dense.training)
         _swap(out, dense, layer)
     _disable_fused_encoder(out)
@@ -191,6 +193,9 @@ def convert(
     target_macs: int | str | None = None,
     target_params: int | str | None = None,
     match_macs: nn.Module | str | None = None,
+    weights: str | None = None,
+    calibration: Any = None,
+    ridge: float = DEFAULT_RIDGE,
     **sparsity: Any,
 ):
     """Replace chosen conv/linear layers with X-layers; returns ``(converted, report)``.
@@ -205,7 +210,18 @@ def convert(
             ``chain`` for mixing-1 layers, ``every`` for the others.
         **sparsity: any of the config's fields as keywords (``compress=4, mixing=1``), overriding
             ``config``; the config's ``blocks`` is per layer and not taken here.
-        init: ``kaiming`` (fresh) or ``keep`` (copy the kept dense weights).
+        init: ``kaiming`` (fresh), ``keep`` (copy the kept dense weights, data-free) or ``project``
+            (the kept weights refitted, block by block, by ridge least squares to the dense layer's
+            outputs on ``calibration`` data: see :mod:`xsurgery.surgery._project`; each layer is fitted
+            to the dense model's own inputs, all collected from the dense model; the report's
+            ``projection`` gives each layer's relative output error for keep and project).
+        weights: a local file of dense weights (safetensors, a dense ``.xs`` checkpoint, or a torch
+            file read with ``weights_only=True``) loaded into the model before the surgery.
+        calibration: data for ``init="project"``: a tensor (one batch), an iterable of batches
+            (tensors, dicts of keyword inputs, or a DataLoader's ``(x, y)``: labels ignored) or a
+            training recipe (:func:`xsurgery.train.load_recipe`: batches of its training split).
+            Default: the example input, with a warning.
+        ridge: the projection's ridge, relative to the mean diagonal of each block's Gram matrix.
         layers: kinds to convert: ``pointwise``, ``conv``, ``linear``.
         include: glob/``re:`` patterns converted regardless of the defaults.
         exclude: patterns never converted (wins over ``include``).
@@ -238,7 +254,9 @@ def convert(
     """
     from ..models import resolve as resolve_example
 
-    model, name = _source(model, model_kwargs, pretrained)
+    model, name = _source(model, model_kwargs, pretrained, weights)
+    if calibration is not None and init != "project":
+        raise UserError("calibration data is used by init='project' only (--init project)")
     cfg = SparsityConfig.of(config, **sparsity)
     budget = budget_targets(cfg, target_macs, target_params, match_macs)
     spec = SurgerySpec.from_config(
@@ -254,25 +272,37 @@ def convert(
     converted, decisions, trace = apply_surgery(model, spec, example)
     if not allow_none and not any(d.converted for d in decisions):
         raise UserError(_none_converted(decisions))
-    return converted, _finish(model, converted, decisions, trace, example, name, check, budget)
+    projection = None
+    if spec.init == "project":
+        batches, from_example = calibration_batches(calibration, example)
+        layers = project(model, converted, [d.name for d in decisions if d.converted], batches, ridge=ridge)
+        projection = {"batches": len(batches), "ridge": ridge, "data": "example input" if from_example else "calibration",
+                      "layers": layers}
+    rep = _finish(model, converted, decisions, trace, example, name, check, budget)
+    rep.projection = projection
+    return converted, rep
 
 
 def _names(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _source(model: nn.Module | str, model_kwargs: dict[str, Any] | None, pretrained: bool) -> tuple[nn.Module, str]:
-    """The model to convert and its name in the report (a source is built here)."""
-    from ..models import create_model
+def _source(model: nn.Module | str, model_kwargs: dict[str, Any] | None, pretrained: bool,
+            weights: str | None = None) -> tuple[nn.Module, str]:
+    """The model to convert and its name in the report (a source is built here, ``weights`` loaded)."""
+    from ..models import create_model, load_weights
 
     if isinstance(model, str):
         if model.endswith((".xs", ".safetensors")):
-            raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on checkpoints")
-        return create_model(model, model_kwargs, pretrained), model
+            raise UserError("convert takes a model, not a checkpoint; use `xsurgery report` or `xsurgery export` on "
+                            "checkpoints (a dense checkpoint's weights: convert MODEL --weights FILE)")
+        return create_model(model, model_kwargs, pretrained, weights=weights), model
     if isinstance(model, nn.Module):
         if model_kwargs or pretrained:
             raise UserError("model_kwargs/pretrained only apply when the model is given by name")
         model = uncompiled(model)  # a torch.compile'd module: the one it wraps
+        if weights is not None:  # the model passed in is not modified
+            model = load_weights(deepcopy_model(model), weights)
         return model, type(model).__name__
     raise UserError(f"convert takes an nn.Module or a model name, got {type(model).__name__}")
 

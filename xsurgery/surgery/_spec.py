@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..graphs import BipartiteGraph, list_graphs
 from ..layers import EXECUTIONS, INITS, MIX_POINTS, SparsityConfig
 
-__all__ = ["KINDS", "Decision", "LayerRule", "SurgerySpec", "check_degrees_fit", "check_pattern", "check_patterns_match",
+__all__ = ["KINDS", "SURGERY_INITS", "Decision", "LayerRule", "SurgerySpec", "check_degrees_fit", "check_pattern", "check_patterns_match",
            "load_plan", "match_any", "match_pattern", "rule_for"]
 
 
@@ -29,6 +29,8 @@ def match_pattern(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 KINDS = ("pointwise", "conv", "linear")
+# a layer's own inits, and "project": the kept weights refitted on calibration data (surgery._project)
+SURGERY_INITS = (*INITS, "project")
 SPEC_VERSION = 1
 MAX_PLAN_BYTES = 1 << 20
 
@@ -165,8 +167,8 @@ class SurgerySpec:
         if self.mixing is None:
             raise UserError("--mixing must be a positive integer, got None")
         _check_values("", self.compress, self.degree, self.mixing, self.graph)
-        if self.init not in INITS:
-            raise UserError(f"unknown --init {safe_repr(self.init)}; choose one of {', '.join(INITS)}")
+        if self.init not in SURGERY_INITS:
+            raise UserError(f"unknown --init {safe_repr(self.init)}; choose one of {', '.join(SURGERY_INITS)}")
         if self.execution not in EXECUTIONS:
             raise UserError(f"unknown --execution {safe_repr(self.execution)}; choose one of {', '.join(EXECUTIONS)}")
         if self.mix_points not in MIX_POINTS:

@@ -9,10 +9,11 @@ scoring the run (``_results``).
 
 from __future__ import annotations
 
-from ._loop import build_model, lr_at, train
+from ._build import build_model, build_teacher, distill_loss
+from ._loop import lr_at, train
 from ._recipe import Recipe, apply_overrides, load_recipe, read_recipe_file, recipe_to_yaml
 from ._results import final_line
 from ._state import BEST, CHECKPOINT, RESULT
 
-__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "apply_overrides", "build_model", "final_line", "load_recipe",
-           "lr_at", "read_recipe_file", "recipe_to_yaml", "train"]
+__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "apply_overrides", "build_model", "build_teacher", "distill_loss",
+           "final_line", "load_recipe", "lr_at", "read_recipe_file", "recipe_to_yaml", "train"]

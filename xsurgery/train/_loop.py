@@ -41,6 +41,7 @@ from torch import nn
 
 from .._util.progress import Board
 from ..errors import UserError
+from ._build import build_model, build_teacher, check_outputs, check_teacher, distill_loss
 from ._distributed import Dist
 from ._recipe import Recipe, ScheduleSpec, recipe_to_yaml
 from ._results import best_epoch, checkpoint_writer, eval_loader, evaluate, write_result
@@ -52,41 +53,6 @@ __all__ = ["build_model", "lr_at", "train"]
 RESUMABLE_CHANGES = ("epochs", "workers", "eval_batch_size", "output")
 
 LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
-
-
-# ------------------------------------------------------------------------------ model
-
-
-def build_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model: created from its source, then converted (``surgery``), pruned to a
-    MACs budget (``prune``) or masked at the surgery's densities (``unstructured``), or dense.
-
-    Seeded from ``recipe.seed`` so that every process (and every resume) builds the same one.
-    """
-    from ..models import create_model
-    from ..surgery import convert, prune_to_macs
-
-    torch.manual_seed(recipe.seed)
-    m = recipe.model
-    size = tuple(recipe.data.input_size)
-    if recipe.surgery is None or recipe.unstructured:
-        model = create_model(m.source, dict(m.kwargs), m.pretrained)
-        model._xsurgery_input_size = list(size)
-        if recipe.prune is not None:
-            model, _ = prune_to_macs(model, recipe.prune.target_macs, size, round_to=recipe.prune.round_to)
-        if recipe.unstructured:
-            from ._masks import apply_masks, unstructured_masks
-
-            s = recipe.surgery.to_dict()
-            s.pop("version", None)
-            converted, _ = convert(m.source, model_kwargs=dict(m.kwargs), input_size=size, check=False, **s)
-            model._xsurgery_masks = unstructured_masks(model, converted, recipe.seed)
-            apply_masks(model, model._xsurgery_masks)
-        return model
-    s = recipe.surgery.to_dict()
-    s.pop("version", None)
-    model, _ = convert(m.source, model_kwargs=dict(m.kwargs), pretrained=m.pretrained, input_size=size, **s)
-    return model
 
 
 def lr_at(base_lr: float, sched: ScheduleSpec, epochs: int, progress: float) -> float:
@@ -124,33 +90,14 @@ def _check_resume(recipe: Recipe, run: Run) -> None:
     if not isinstance(saved, dict):
         raise UserError(f"cannot resume {run.folder}: {RECIPE_FILE} is not a recipe mapping; start again with --force")
     now = recipe.to_dict()
+    try:  # fields added since the run started hold their defaults
+        saved = Recipe.from_dict(saved).to_dict()
+    except (UserError, TypeError, ValueError):
+        pass
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise UserError(f"cannot resume {run.folder}: the recipe changed in {', '.join(changed)} "
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change); start again with --force")
-
-
-@torch.no_grad()
-def _check_outputs(model: nn.Module, dataset, num_classes: int, recipe: Recipe, device) -> None:
-    """Before any step: the model must have an output per class of the dataset."""
-    if not len(dataset):
-        return
-    x = dataset[0][0]
-    was = model.training
-    model.eval()
-    try:
-        out = model(x[None].to(device))
-    except Exception as exc:
-        raise UserError(f"the model does not run on the data's input {list(x.shape)} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check data.input_size and "
-                        f"model.kwargs") from exc
-    finally:
-        model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UserError(f"the model must return [batch, classes] logits, got {getattr(out, 'shape', type(out).__name__)}")
-    if out.shape[-1] < num_classes:
-        raise UserError(f"the model has {out.shape[-1]} outputs but {recipe.data.name} has {num_classes} classes; "
-                        f"set model.kwargs.num_classes={num_classes}")
 
 
 def _open(recipe: Recipe, resume: bool, force: bool) -> tuple[Run, bool]:
@@ -202,8 +149,11 @@ class _Trainer:
         # the set each epoch is scored on (and best.xs chosen by): validation, else test
         self.score_name, self.score_set = ("val", self.val_set) if self.val_set is not None else ("test", self.test_set)
         self.model = model = build_model(recipe).to(dist.device)
-        _check_outputs(model, self.test_set if len(self.test_set) else self.train_set, self.num_classes, recipe,
+        check_outputs(model, self.test_set if len(self.test_set) else self.train_set, self.num_classes, recipe,
                        dist.device)
+        self.teacher = build_teacher(recipe, dist.device)
+        if self.teacher is not None:
+            check_teacher(model, self.teacher, self.test_set if len(self.test_set) else self.train_set, dist.device)
         self.opt = torch.optim.SGD(model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                                    nesterov=recipe.optim.nesterov, weight_decay=recipe.optim.weight_decay)
         masks = getattr(model, "_xsurgery_masks", None)
@@ -290,6 +240,7 @@ class _Trainer:
         """The epoch's optimizer steps; returns this rank's images, correct ones, summed loss, last lr."""
         recipe, dist, steps, opt, scaler = self.recipe, self.dist, self.steps, self.opt, self.scaler
         seen = correct = loss_sum = 0.0
+        self.parts = [0.0, 0.0]  # summed task and distillation losses (with a teacher)
         lr = recipe.optim.lr
         step_bar = board.track(self.train_loader, steps, f"epoch {epoch + 1}/{recipe.epochs}", leave=False)
         for step, (x, y) in enumerate(step_bar):
@@ -299,7 +250,14 @@ class _Trainer:
             x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             with self.autocast():
                 logits = self.net(x)
-                loss = self.criterion(logits.float(), y)
+                loss = task = self.criterion(logits.float(), y)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        target = self.teacher(x).float()
+                    kd = distill_loss(logits.float(), target, recipe.distill.temperature)
+                    loss = (1 - recipe.distill.alpha) * task + recipe.distill.alpha * kd
+                    self.parts[0] += task.item() * len(y)
+                    self.parts[1] += kd.item() * len(y)
             if step == 0 and epoch == self.start_epoch and logits.shape[-1] < self.num_classes:
                 raise UserError(f"the model has {logits.shape[-1]} outputs but {recipe.data.name} has "
                                 f"{self.num_classes} classes; set model.kwargs.num_classes={self.num_classes}")
@@ -333,7 +291,7 @@ class _Trainer:
         """Score the epoch, add it to the history and (rank 0) save it, ``best.xs`` when it is the best."""
         recipe, dist, score_name = self.recipe, self.dist, self.score_name
         train_time = time.perf_counter() - t0
-        seen, correct, loss_sum = dist.all_sum([seen, correct, loss_sum])
+        seen, correct, loss_sum, task_sum, kd_sum = dist.all_sum([seen, correct, loss_sum, *self.parts])
         # the bare model: shards may differ in batch count, and DDP's forward is a collective
         top1, top5, score_loss = evaluate(self.model, self.score_loader, dist, self.autocast, board, self.num_classes)
         epoch_time = time.perf_counter() - t0
@@ -343,6 +301,8 @@ class _Trainer:
             f"{score_name}_top1": top1, f"{score_name}_top5": top5, f"{score_name}_loss": score_loss, "lr": lr,
             "images_per_s": seen / max(train_time, 1e-9), "epoch_time_s": epoch_time, "wall_time_s": self.wall,
         }
+        if self.teacher is not None:
+            rec.update(train_task_loss=task_sum / seen, train_distill_loss=kd_sum / seen)
         best = best_epoch(self.history, score_name)
         self.history.append(rec)
         if not dist.main:
@@ -353,7 +313,9 @@ class _Trainer:
             artifacts[BEST] = checkpoint_writer(self.model, epoch + 1, score_name, top1)
         self.run.save(self.model, self.opt, self.scaler, scalars, self.history, artifacts=artifacts)
         if self.show:
-            line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}  train {100 * rec['train_acc']:.2f}%  "
+            parts = (f" (task {rec['train_task_loss']:.4f}, distill {rec['train_distill_loss']:.4f})"
+                     if self.teacher is not None else "")
+            line = (f"epoch {epoch + 1}/{recipe.epochs}  loss {rec['train_loss']:.4f}{parts}  train {100 * rec['train_acc']:.2f}%  "
                     f"{score_name} {100 * top1:.2f}% (top-5 {100 * top5:.2f}%){'  *best' if artifacts else ''}  "
                     f"lr {lr:.4g}  {rec['images_per_s']:.0f} img/s  {epoch_time:.1f}s")
             board.write(line)

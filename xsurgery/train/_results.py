@@ -89,6 +89,10 @@ def write_result(recipe: Recipe, run: Run, history: list[dict[str, Any]], score_
     else:
         result.update(test_top1=best["test_top1"], test_top5=best["test_top5"], test_loss=best["test_loss"],
                       test_images=len(test_set))
+    if recipe.distill is not None:  # the last epoch's two training losses and the distillation's settings
+        result.update(distill={"alpha": recipe.distill.alpha, "temperature": recipe.distill.temperature},
+                      train_task_loss=history[-1].get("train_task_loss"),
+                      train_distill_loss=history[-1].get("train_distill_loss"))
     if dist.main:
         write_text(os.path.join(run.folder, RESULT), json.dumps(result, indent=1) + "\n")
     return result

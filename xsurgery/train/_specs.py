@@ -19,7 +19,8 @@ from .._util.text import safe_repr
 from ..errors import UserError
 from .data import DataSpec
 
-__all__ = ["RECIPE_VERSION", "DataSpec", "ModelSpec", "OptimSpec", "PruneSpec", "Recipe", "ScheduleSpec"]
+__all__ = ["RECIPE_VERSION", "DataSpec", "DistillSpec", "ModelSpec", "OptimSpec", "PruneSpec", "Recipe", "ScheduleSpec",
+           "TeacherSpec"]
 
 RECIPE_VERSION = 1
 SCHEDULES = ("step", "cosine", "constant")
@@ -27,11 +28,47 @@ SCHEDULES = ("step", "cosine", "constant")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the model comes from (see :func:`xsurgery.models.sources.create_model`)."""
+    """Where the model comes from (see :func:`xsurgery.models.sources.create_model`); ``weights``:
+    a local file of dense weights (safetensors, a dense run's ``best.xs``, or a torch file read
+    with ``weights_only=True``) loaded before the surgery."""
 
     source: str = "digits_cnn"
     kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The dense model to distil from: an xsurgery ``checkpoint`` (e.g. a dense run's ``best.xs``;
+    a recipe's ``teacher: path`` means this), or a ``source`` with its ``kwargs`` and ``weights``."""
+
+    checkpoint: str | None = None
+    source: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.checkpoint) == bool(self.source):
+            raise UserError("teacher: give a checkpoint path (teacher: runs/dense/best.xs) or "
+                            "{source, kwargs, weights}, not both or neither")
+        if self.checkpoint and (self.kwargs or self.weights):
+            raise UserError("teacher: a checkpoint carries its own model and weights; drop teacher.kwargs/weights")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Distillation from the teacher: ``loss = (1 - alpha) * task + alpha * T^2 * KL(softmax(t/T) ||
+    softmax(s/T))`` (see :mod:`xsurgery.train._build`)."""
+
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise UserError(f"distill.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,9 @@ class Recipe:
     seed: int = 0
     label_smoothing: float = 0.0
     output: str = ""
+    calibration_batches: int = 8
+    teacher: TeacherSpec | None = None
+    distill: DistillSpec | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -145,6 +185,12 @@ class Recipe:
             raise UserError("a recipe prunes (prune:) or converts (surgery:), not both; set surgery: null")
         if self.unstructured and self.surgery is None:
             raise UserError("unstructured: true takes its layers and densities from surgery:; give one")
+        if self.calibration_batches < 1:
+            raise UserError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.distill is not None and self.teacher is None:
+            raise UserError("distill needs a teacher: set teacher: PATH.xs (or {source, kwargs, weights})")
+        if self.teacher is not None and self.distill is None:
+            object.__setattr__(self, "distill", DistillSpec())  # the defaults: alpha 0.5, temperature 4
 
     @property
     def output_dir(self) -> str:
@@ -156,8 +202,32 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        """Typed and validated; unknown keys raise a :class:`UserError` naming the valid ones."""
+        """Typed and validated; unknown keys raise a :class:`UserError` naming the valid ones.
+        ``teacher: PATH`` is short for ``teacher: {checkpoint: PATH}``."""
+        if isinstance(d, dict) and isinstance(d.get("teacher"), str) and d["teacher"].lower() not in ("none", "null"):
+            d = {**d, "teacher": {"checkpoint": d["teacher"]}}
         return _build(cls, d, "")
+
+    def calibration_data(self, batches: int | None = None) -> list:
+        """Batches for ``init="project"``: ``batches`` (default ``calibration_batches``) batches of
+        ``batch_size`` images of the training split (validation images excluded), a random subset
+        drawn with ``seed``, with the training transform; the global RNG is left as it was."""
+        import torch
+
+        from .data import build_splits
+
+        n = self.calibration_batches if batches is None else batches
+        if n < 1:
+            raise UserError(f"calibration_batches must be >= 1, got {n}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            train = build_splits(self.data, self.seed).train
+            if not len(train):
+                raise UserError("the training split is empty: no calibration data for surgery.init: project")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            take = order[:n * self.batch_size]
+            return [torch.stack([train[i][0] for i in take[j:j + self.batch_size]])
+                    for j in range(0, len(take), self.batch_size)]
 
 
 def _to_plain(obj: Any) -> Any:
