@@ -30,13 +30,14 @@ from ._measure import (
     versions,
 )
 from ._output import csv_table, markdown_table, plot, print_table, write_json
-from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, INT8_VARIANTS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
 from .sweep import plan_sweep, sweep
 
 __all__ = [
     "ALL_BACKENDS",
     "ALL_VARIANTS",
     "BACKENDS",
+    "INT8_VARIANTS",
     "ORT_LAYOUTS",
     "Timing",
     "VARIANTS",
