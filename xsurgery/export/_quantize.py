@@ -8,8 +8,11 @@ VNNI), ``QInt8`` for both elsewhere. Activation ranges (MinMax) come from calibr
 a recipe's training images (the CLI builds them) or, with a warning, random inputs.
 
 The Gather of each X-layer is kept in float or in int8, whichever of the two files verifies
-and runs faster (``gather="auto"``; ties go to int8: no dequantize/quantize pair around it);
-the choice and its timings are in the file's ``xsurgery.int8`` metadata.
+and runs faster (``gather="auto"``; ties go to int8); the choice and its timings are in the
+file's ``xsurgery.int8`` metadata. int8: the ``DequantizeLinear -> Gather -> QuantizeLinear``
+around it share one scale, so the runtime drops the pair and gathers the int8 tensor; float:
+the Gather is left out of quantization, runs on the dequantized tensor and its output is
+quantized again with its own calibrated range for the Conv after it.
 
 Verification runs the int8 and the float file in the same runtime on the calibration batches
 and the verification input: max abs error, error relative to ``max|float output|`` (fails
