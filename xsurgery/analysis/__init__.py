@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._connectivity import ReachRow, grouped_baseline, main_path, reach_rows, x_layers
-from ._onnx_report import onnx_report
+from ._onnx_report import onnx_layer_of, onnx_report
 from ._plot import plot_layer_graph, plot_reach, plot_report
 from ._render import (
     DEFAULT_MAX_ROWS,
@@ -36,6 +36,7 @@ __all__ = [
     "grouped_baseline",
     "human",
     "main_path",
+    "onnx_layer_of",
     "onnx_report",
     "plot_layer_graph",
     "plot_reach",

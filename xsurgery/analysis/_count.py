@@ -58,6 +58,7 @@ class LayerRow:
     seed: int | None = None
     execution: str | None = None  # X-layers: "gather" or "masked", as the layer resolves it where it lives
     macs_executed: int | None = None  # MACs the execution computes (masked: the dense MACs); None: macs_after
+    precision: str | None = None  # an exported file's quantized layers: "int8" (QDQ around the node); None: float
 
     @property
     def executed_macs(self) -> int:

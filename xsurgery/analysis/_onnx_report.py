@@ -8,6 +8,11 @@ inferred at batch 1 (a dynamic batch axis set to 1), every ``Conv``/``ConvTransp
 MACs under the layout export chose (gather: Gather + grouped Conv, the sparse MACs; dense: a
 dense Conv on a zero-filled weight, the dense MACs); its sparse and dense MACs follow from the
 degree in the metadata.
+
+A quantized file (``xsurgery export --quantize int8``: QDQ) holds its weights as int8
+initializers read through ``DequantizeLinear``: they are followed back to the initializer
+(its shape, its parameters; scales and zero points are not parameters), and a counted node
+whose input and weight both come out of 8-bit ``DequantizeLinear`` nodes is labelled ``int8``.
 """
 
 from __future__ import annotations
@@ -20,17 +25,30 @@ from typing import Any
 from .._util.text import safe_text
 from ..errors import UserError
 
-__all__ = ["onnx_report"]
+__all__ = ["onnx_layer_of", "onnx_report"]
 
 _META = "xsurgery."
 _COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _scope_name(node_name: str) -> str:
-    """``/layer2/layer2.0/downsample/downsample.0/Conv`` -> ``layer2.0.downsample.0``: each scope
-    segment is ``parent.child`` for container children, so its last dotted part is the child's name."""
+    """``/layer2/layer2.0/downsample/downsample.0/Conv`` -> ``layer2.0.downsample.0``: a segment
+    ``parent.child`` after the segment ``parent`` (a called container) adds ``child``; without it
+    (a ModuleList iterated, not called: HF's ``/encoder/layer.0/...``) it adds ``parent.child``."""
     segments = [s for s in node_name.split("/")[1:-1] if s]
-    return ".".join(s.rsplit(".", 1)[-1] for s in segments)
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        head, _, tail = seg.rpartition(".")
+        out.append(tail if head and i and segments[i - 1].endswith(head) and head.rsplit(".", 1)[-1] ==
+                   segments[i - 1].rsplit(".", 1)[-1] else seg)
+    return ".".join(out)
+
+
+def onnx_layer_of(node_name: str, layers) -> str | None:
+    """The layer of ``layers`` (names) an exported node belongs to, from the node's name scope;
+    a model exported through its inputs' wrapper (keyword or nested inputs) has its scopes
+    under ``model``."""
+    return _owner(_scope_name(node_name), layers)
 
 
 def _load(path: str):
@@ -46,21 +64,41 @@ def _load(path: str):
         raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__}); give an exported .onnx") from None
 
 
-def _shapes(model) -> dict[str, list[int]]:
-    """Every tensor's static shape after inference at batch 1 (dynamic axes set to 1)."""
+def _shapes(model, input_shape: list[Any] | None = None) -> dict[str, list[int]]:
+    """Every tensor's static shape after inference at batch 1 (the other dynamic axes at the
+    export example's size, from ``input_shape`` of the first input, else 1). Where ONNX's own
+    inference leaves a counted node's input unknown (shape arithmetic before a Reshape, as in
+    Hugging Face models), ONNX Runtime's symbolic inference (pure Python on the graph) is used."""
     import onnx
     from onnx import shape_inference
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    sizes: dict[str, int] = {}
+    if m.graph.input and input_shape:
+        for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, input_shape):
+            if d.dim_param and isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_META_DIM:
+                sizes[d.dim_param] = v
     for vi in m.graph.input:
-        for d in vi.type.tensor_type.shape.dim:
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
             if not d.HasField("dim_value"):
-                d.dim_value = 1
+                d.dim_value = 1 if i == 0 else sizes.get(d.dim_param, 1)
     try:
-        m = shape_inference.infer_shapes(m)
+        inferred = shape_inference.infer_shapes(m)
     except Exception as exc:
         raise UserError(f"the ONNX graph's shapes could not be inferred ({exc}); was it exported by xsurgery?") from None
+    shapes = _static(inferred)
+    if any(n.input and n.input[0] not in shapes for n in m.graph.node if n.op_type in _COUNTED_OPS):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            shapes = {**_static(SymbolicShapeInference.infer_shapes(m, auto_merge=True)), **shapes}
+        except Exception:  # noqa: BLE001 - not installed, or it cannot either: those nodes stay uncounted
+            pass
+    return shapes
+
+
+def _static(m) -> dict[str, list[int]]:
     shapes = {t.name: list(t.dims) for t in m.graph.initializer}
     for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
         dims = vi.type.tensor_type.shape.dim
@@ -69,11 +107,13 @@ def _shapes(model) -> dict[str, list[int]]:
     return shapes
 
 
-def _node_macs(node, shapes: dict[str, list[int]]) -> tuple[int, list[int] | None] | None:
-    """MACs of one counted node and its weight's shape (None where shapes are unknown)."""
-    if len(node.input) < 2 or node.input[0] not in shapes or node.input[1] not in shapes:
+def _node_macs(node, shapes: dict[str, list[int]], weight: str) -> tuple[int, list[int] | None] | None:
+    """MACs of one counted node and its weight's shape (None where shapes are unknown);
+    ``weight``: the initializer its second input reads (through Identity/DequantizeLinear)."""
+    weight = weight if weight in shapes else node.input[1] if len(node.input) > 1 else weight
+    if len(node.input) < 2 or node.input[0] not in shapes or weight not in shapes:
         return None
-    x, w = shapes[node.input[0]], shapes[node.input[1]]
+    x, w = shapes[node.input[0]], shapes[weight]
     out = shapes.get(node.output[0])
     if node.op_type == "Conv" and out is not None:
         return math.prod(out) * math.prod(w[1:]), w
@@ -100,43 +140,45 @@ def onnx_report(path: str):
     model = _load(path)
     meta = {p.key[len(_META):]: p.value for p in model.metadata_props if p.key.startswith(_META)}
     xlayers, input_shape = _metadata(path, meta)
-    shapes = _shapes(model)
+    shapes = _shapes(model, input_shape)
     inits = {t.name: t for t in model.graph.initializer}
     rows: dict[str, LayerRow] = {}
     order: list[LayerRow] = []
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
-    stored: dict[str, set[str]] = {}  # X-layer -> float initializers its nodes read (weight, bias)
+    qdq = _Quantized(model, inits, alias)
+    params = qdq.params
+    stored: dict[str, set[str]] = {}  # X-layer -> weight initializers its nodes read (weight, bias)
     for node in model.graph.node:
         scope = _scope_name(node.name)
         owner = _owner(scope, xlayers)
         if owner is not None:
-            names = (alias.get(i, i) for i in node.input)
-            stored.setdefault(owner, set()).update(i for i in names if i in inits and
-                                                   inits[i].data_type in _FLOAT_TYPES)
+            stored.setdefault(owner, set()).update(i for i in map(qdq.source, node.input) if i in params)
         if node.op_type not in _COUNTED_OPS:
             continue
-        counted = _node_macs(node, shapes)
+        weight = qdq.source(node.input[1]) if len(node.input) > 1 else ""
+        counted = _node_macs(node, shapes, weight)
         if counted is None:
             continue
         macs, w = counted
         key = owner or f"{scope}#{node.op_type}"
         row = rows.get(key)
         if row is None:
-            kind = _kind(node.op_type, w) if alias.get(node.input[1], node.input[1]) in inits or owner else "matmul"
-            row = rows[key] = LayerRow(name=owner or scope, kind=kind, kernel=list(w[2:]) if w and len(w) > 2 else None)
-            if owner is None and w is not None and alias.get(node.input[1], node.input[1]) in inits:
+            kind = _kind(node.op_type, w) if weight in inits or owner else "matmul"
+            row = rows[key] = LayerRow(name=owner or scope, kind=kind, kernel=list(w[2:]) if w and len(w) > 2 else None,
+                                       precision=qdq.precision(node))
+            if owner is None and w is not None and weight in inits:
                 trans_b = any(a.name == "transB" and a.i for a in node.attribute)
                 if node.op_type.startswith("Conv") or trans_b:  # [out, in/groups, k...] / Gemm's [out, in]
                     row.in_channels, row.out_channels = w[1] * _groups(node), w[0]
                 else:  # MatMul / Gemm: [in, out]
                     row.in_channels, row.out_channels = w[0], w[-1]
-                bias = inits.get(node.input[2]) if len(node.input) > 2 else None
+                bias = inits.get(qdq.source(node.input[2])) if len(node.input) > 2 else None
                 row.params_before = row.params_after = math.prod(w) + (math.prod(bias.dims) if bias else 0)
             order.append(row)
         row.calls += 1
         row.macs_before += macs
         row.macs_after += macs
-    params_after = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES)
+    params_after = sum(math.prod(inits[n].dims) for n in params)
     extra = 0
     for name, d in xlayers.items():
         row = rows.get(name)
@@ -166,19 +208,23 @@ def onnx_report(path: str):
     rep = Report(model=safe_text(meta.get("source_model") or os.path.basename(path), 200), input_size=batch_free,
                  layers=order, params_before=params_after + extra, params_after=params_after)
     rep.method = f"onnx {safe_text(meta.get('layout', '?'), 40)} layout" if meta else "onnx (no xsurgery metadata)"
+    if qdq.dq:
+        n8 = sum(r.precision == "int8" for r in order)
+        rep.method += f", quantized (QDQ): {n8} of {len(order)} counted layers int8"
     return rep
 
 
-def _owner(scope: str, xlayers: dict[str, Any]) -> str | None:
-    """The X-layer a node's scope lies in (``scope`` itself or a dotted prefix of it): one
-    dictionary look-up per scope level, so the report is linear in the node count."""
+def _owner(scope: str, xlayers) -> str | None:
+    """The X-layer a node's scope lies in (``scope`` itself or a dotted prefix of it, also without
+    the ``model.`` of export's input wrapper): one look-up per scope level, linear in the nodes."""
     if not xlayers or not scope:
         return None
     parts = scope.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name in xlayers:
-            return name
+    for start in (0, 1) if parts[0] == "model" else (0,):
+        for i in range(start + 1, len(parts) + 1):
+            name = ".".join(parts[start:i])
+            if name in xlayers:
+                return name
     return None
 
 
@@ -212,6 +258,46 @@ def _metadata(path: str, meta: dict[str, str]) -> tuple[dict[str, dict[str, Any]
 
 
 _FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not indices
+# the quantized element types DequantizeLinear reads, by how the report labels them
+_QUANT_TYPES = {2: "int8", 3: "int8", 4: "int16", 5: "int16", 6: "int32", 21: "int4", 22: "int4"}
+
+
+class _Quantized:
+    """What a QDQ file's ``DequantizeLinear`` nodes say: which initializer a tensor is read from,
+    which initializers are parameters, and the precision of a counted node's inputs."""
+
+    def __init__(self, model, inits: dict[str, Any], alias: dict[str, str]):
+        self.inits, self.alias = inits, alias
+        self.dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        qparams = {i for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   for i in n.input[1:]}
+        src = {o: self.alias.get(n.input[0], n.input[0]) for o, n in self.dq.items()}
+        self.from_dq = {o: i for o, i in src.items() if i in inits}
+        # parameters: float initializers (not scales or zero points) and the quantized ones DequantizeLinear reads
+        self.params = {n for n, t in inits.items() if t.data_type in _FLOAT_TYPES and n not in qparams}
+        self.params |= set(self.from_dq.values())
+
+    def source(self, name: str) -> str:
+        """The initializer ``name`` is read from through Identity / DequantizeLinear (else ``name``)."""
+        name = self.alias.get(name, name)
+        return self.alias.get(self.from_dq.get(name, name), self.from_dq.get(name, name))
+
+    def _type(self, name: str) -> str | None:
+        node = self.dq.get(name)
+        if node is None:
+            return None
+        for i in (node.input[0], *node.input[2:3]):  # the quantized tensor's type, or its zero point's
+            t = self.inits.get(self.alias.get(i, i))
+            if t is not None:
+                return _QUANT_TYPES.get(t.data_type)
+        return "int8"  # a zero point left out: uint8 by the ONNX default
+
+    def precision(self, node) -> str | None:
+        """``int8`` (or int16/int4) when the node's input and weight both come out of DequantizeLinear."""
+        if len(node.input) < 2:
+            return None
+        types = {self._type(node.input[0]), self._type(node.input[1])}
+        return next(iter(types)) if len(types) == 1 and None not in types else None
 
 
 def _groups(node) -> int:

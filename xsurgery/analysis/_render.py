@@ -66,7 +66,7 @@ def _signature(r: LayerRow) -> tuple:
     """Everything shown about a row except its name and spectral gap (seed-dependent)."""
     return (r.kind, r.converted, r.reason, r.in_channels, r.out_channels, tuple(r.kernel or ()), r.degree,
             r.blocks, r.graph, r.params_before, r.params_after, r.macs_before, r.macs_after,
-            r.executed_macs, r.execution, r.mixing, r.calls, r.projected, r.note)
+            r.executed_macs, r.execution, r.mixing, r.calls, r.projected, r.note, r.precision)
 
 
 def collapse_rows(rows: Sequence[Any], signature: Callable[[Any], tuple] = _signature,
@@ -136,6 +136,12 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
     if "merge_kind" not in flags:
         add("kernel", lambda _, m: "x".join(map(str, m[0].kernel)) if m[0].kernel else "")
     to_notes = "uniform_to_notes" in flags
+    precs = {r.precision or "float" for _, ms in groups for r in ms}
+    if precs != {"float"}:  # a quantized file: each layer's precision (QDQ around its node)
+        if len(precs) == 1 and to_notes:
+            notes.append(f"precision: {next(iter(precs))} (every counted layer: weights and inputs quantized)")
+        else:
+            add("dtype", lambda _, m: m[0].precision or "float")
     if graphs:
         if "drop_dg" in flags:
             left_out.append("D, G")

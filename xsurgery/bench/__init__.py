@@ -30,7 +30,7 @@ from ._measure import (
     versions,
 )
 from ._output import csv_table, markdown_table, plot, print_table, write_json
-from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
+from ._run import ALL_BACKENDS, ALL_VARIANTS, BACKENDS, INT8_VARIANTS, ORT_LAYOUTS, VARIANT_OPTIONS, VARIANTS, bench
 from ._variants import Variant
 from .sweep import SweepRun, check_finished, plan_sweep, sweep, train_runs
 
@@ -38,6 +38,7 @@ __all__ = [
     "ALL_BACKENDS",
     "ALL_VARIANTS",
     "BACKENDS",
+    "INT8_VARIANTS",
     "ORT_LAYOUTS",
     "Timing",
     "VARIANTS",

@@ -18,7 +18,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
 
     console = console or Console()
     m = result["machine"]
-    table = Table(title=(f"{result['model']}  batch {result['batch']}  input {result['input_size']}  "
+    table = Table(title=(f"{result['model']}{'  ' + result['quantize'] if result.get('quantize') else ''}  batch {result['batch']}  input {result['input_size']}  "
                          f"{result['threads']} threads  {m['cpu']}"))
     for col in ("variant", "C", "backend", "median ms", "IQR ms", "x dense", "MACs x", "x limit"):
         table.add_column(col, justify="left" if col in ("variant", "backend") else "right")

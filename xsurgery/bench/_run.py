@@ -45,6 +45,8 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 ORT_LAYOUTS = ("auto", "fixed")
+# --quantize int8: the variants timed by default (dense, grouped, the default and the fast preset)
+INT8_VARIANTS = ("dense", "grouped", "default", "x-k1")
 
 
 def _ort_layout(variant: str, ort_layout: str) -> str | None:
@@ -61,19 +63,27 @@ def _ort_layout(variant: str, ort_layout: str) -> str | None:
 
 
 def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, threads: int | None,
-                  runtime: str = "onnxruntime") -> str:
-    """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given."""
+                  runtime: str = "onnxruntime", quantize: str | None = None) -> str:
+    """Export with ``export_onnx``'s defaults (``layout="auto"``, dynamic batch) unless a layout is given;
+    ``quantize="int8"``: the int8 file (random calibration, its Gather float or int8 as export picks)."""
     from ..export import export_onnx
 
-    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False, "runtime": runtime}
+    kwargs: dict[str, Any] = {"example_inputs": x, "verify": False, "verbose": False, "runtime": runtime,
+                              "quantize": quantize}
     if layout is not None:
         kwargs["layout"] = layout
     kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
-    result = export_onnx(model, str(path), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random calibration: timing does not depend on the ranges
+        result = export_onnx(model, str(path), **kwargs)
     chosen = list((getattr(result, "layers", None) or {}).values())
+    label = layout or "auto"
     if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather"
-        return f"auto: {chosen.count('gather')}/{len(chosen)} gather"
-    return layout or "auto"
+        label = f"auto: {chosen.count('gather')}/{len(chosen)} gather"
+    int8 = getattr(result, "int8", None) or {}
+    if int8.get("gather") in ("int8", "float"):
+        label += f", {int8['gather']} Gather"
+    return label
 
 
 # ----------------------------------------------------------------------------- models
@@ -120,8 +130,8 @@ def bench(
     compress: float | Sequence[float],
     batch: int = 1,
     threads: int | None = None,
-    backends: Sequence[str] = BACKENDS,
-    variants: Sequence[str] = VARIANTS,
+    backends: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
     repeat: int = 15,
     input_size: Sequence[int] | None = None,
     *,
@@ -131,6 +141,7 @@ def bench(
     show_progress: bool = False,
     load_options: dict[str, bool] | None = None,
     example_inputs: Any = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Time the variants of one model as ratios to the dense model.
 
@@ -140,8 +151,10 @@ def bench(
         batch: batch size N of the timed input ``[N, *input_size]``.
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
         backends: subset of :data:`ALL_BACKENDS` (``openvino``: files exported with
-            ``runtime="openvino"``, so auto tunes them there, timed in OpenVINO).
-        variants: subset of :data:`ALL_VARIANTS`; ``dense`` is always measured (the reference).
+            ``runtime="openvino"``, so auto tunes them there, timed in OpenVINO); default
+            :data:`BACKENDS` (int8: ``ort``, and ``openvino`` when installed).
+        variants: subset of :data:`ALL_VARIANTS`; ``dense`` is always measured (the reference);
+            default :data:`VARIANTS` (int8: :data:`INT8_VARIANTS`).
             ``thin``, ``tp`` and ``tp8`` are dense models at the ``default`` X-model's MACs
             (see :mod:`xsurgery.bench._baselines`); how each was made is in ``baselines``.
         repeat: timed rounds; every (variant, backend) runs once per round.
@@ -155,6 +168,8 @@ def bench(
         load_options: ``trust_source`` / ``allow_nonfinite`` when ``model`` is a checkpoint.
         example_inputs: a tensor, tuple or dict of inputs (or ``--input`` specs) instead of
             ``[batch, *input_size]``; its own batch is timed.
+        quantize: ``"int8"``: every variant's file is exported int8 (``export_onnx(quantize=
+            "int8")``, random calibration) and timed in the runtimes only; ratios are to int8 dense.
 
     Returns:
         ``{"model", "compress", "batch", "threads", "input_size", "versions", "machine",
@@ -162,6 +177,7 @@ def bench(
         "min_ms", "max_ms", "ratio_to_dense", "macs_ratio", ...}]}``; ``compress`` is the
         number given, or the list when several were.
     """
+    backends, variants = _defaults(backends, variants, quantize)
     backends, variants, compresses = _check_arguments(backends, variants, compress, ort_layout, batch, threads)
     with _torch_threads(threads) as threads:
         dense = _create(model, **(load_options or {})).eval()
@@ -172,7 +188,7 @@ def bench(
         models, made = _build_variants(dense, x, compresses, variants)
         macs = {key: count_macs(m, x) for key, m in models.items()}
         with tempfile.TemporaryDirectory(prefix="xsurgery-bench-") as tmp:
-            runners, layouts = _export(models, x, backends, Path(tmp), ort_layout, threads)
+            runners, layouts = _export(models, x, backends, Path(tmp), ort_layout, threads, quantize)
             timings = _measure_with_progress(runners, warmup, repeat, min_sample_ms, show_progress)
             del runners
 
@@ -186,6 +202,7 @@ def bench(
         "inputs": describe(dense, x),
         "repeat": repeat,
         "ort_layout": ort_layout,
+        **({"quantize": quantize} if quantize else {}),
         "warmup": warmup,
         "versions": versions(),
         "machine": machine_info(),
@@ -193,6 +210,27 @@ def bench(
         **({"baselines": made} if made else {}),
         "results": _results(timings, macs, layouts),
     }
+
+
+def _defaults(backends: Sequence[str] | None, variants: Sequence[str] | None, quantize: str | None
+              ) -> tuple[Sequence[str], Sequence[str]]:
+    """The backends and variants to time: given, else the defaults (int8: the runtimes only)."""
+    if quantize is None:
+        return (BACKENDS if backends is None else backends), (VARIANTS if variants is None else variants)
+    from ..export import QUANTIZE
+
+    if quantize not in QUANTIZE:
+        raise UserError(f"unknown --quantize {quantize!r}; use --quantize {' or '.join(QUANTIZE)}")
+    if backends is None:
+        import importlib.util
+
+        backends = [b for b, rt in _runtimes(ALL_BACKENDS).items()
+                    if b == "ort" or importlib.util.find_spec(rt.module) is not None]
+    torch_backends = [b for b in backends if b in ("torch", "torch-train")]
+    if torch_backends:
+        raise UserError(f"--quantize {quantize} times exported files: drop the {', '.join(torch_backends)} "
+                        f"backend(s) (use --backends ort openvino)")
+    return backends, (INT8_VARIANTS if variants is None else variants)
 
 
 def _check_arguments(backends: Sequence[str], variants: Sequence[str], compress: float | Sequence[float],
@@ -260,7 +298,8 @@ def _build_variants(dense: nn.Module, x: Any, compresses: list[float], variants:
 
 
 def _export(models: dict[tuple[str, float], nn.Module], x: Any, backends: Sequence[str], tmp: Path,
-            ort_layout: str, threads: int | None) -> tuple[dict[Hashable, Callable[[], Any]], dict[tuple, str]]:
+            ort_layout: str, threads: int | None, quantize: str | None = None
+            ) -> tuple[dict[Hashable, Callable[[], Any]], dict[tuple, str]]:
     """A runner per (variant, compression, backend); the runtime backends' files exported to ``tmp``
     first (tuned for that runtime), with the layout each got."""
     runtimes = _runtimes(backends)
@@ -273,7 +312,8 @@ def _export(models: dict[tuple[str, float], nn.Module], x: Any, backends: Sequen
             runners[(v, c, "torch-train")] = _train_runner_copy(m, x)
         for b, rt in runtimes.items():
             path = tmp / f"{v}-{c:g}-{b}.onnx"
-            layouts[(v, c, b)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads, runtime=rt.name)
+            layouts[(v, c, b)] = _export_model(m, x, path, _ort_layout(v, ort_layout), threads, runtime=rt.name,
+                                               quantize=quantize)
             runners[(v, c, b)] = runtime_runner(rt.name, path, x, threads)
     return runners, layouts
 

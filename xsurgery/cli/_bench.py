@@ -9,6 +9,7 @@ from ..bench import (
     ALL_BACKENDS,
     ALL_VARIANTS,
     BACKENDS,
+    INT8_VARIANTS,
     ORT_LAYOUTS,
     VARIANTS,
     bench,
@@ -32,11 +33,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--compress", type=float, nargs="+", required=True, help="one or more compressions C")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op threads (default: torch's)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=ALL_BACKENDS,
-                   help="default torch, torch-train, ort; add openvino (optional dependency)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,
-                   help="default: the X variants; add thin / tp / tp8 for dense models at the same MACs "
-                        "(uniformly thinned; Torch-Pruning, tp8 with round_to=8)")
+    p.add_argument("--backends", nargs="+", default=None, choices=ALL_BACKENDS,
+                   help=f"default {', '.join(BACKENDS)}; add openvino (optional dependency); with --quantize: "
+                        f"ort and openvino (when installed)")
+    p.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS,
+                   help=f"default: the X variants ({', '.join(VARIANTS)}); add thin / tp / tp8 for dense models at "
+                        f"the same MACs (uniformly thinned; Torch-Pruning, tp8 with round_to=8); with --quantize: "
+                        f"{', '.join(INT8_VARIANTS)} (x-k1: the fast preset)")
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="time int8 files (each variant exported with --quantize int8, random calibration) in the "
+                        "runtimes; ratios to int8 dense")
     p.add_argument("--repeat", type=int, default=15, help="timed rounds (median and IQR over these)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ort-layout", choices=ORT_LAYOUTS, default="auto",
@@ -74,7 +80,7 @@ def _cli(args: argparse.Namespace) -> int:
     result = bench(args.model, compress, batch=args.batch, threads=args.threads, backends=args.backends,
                    variants=args.variants, repeat=args.repeat, input_size=args.input_size, warmup=args.warmup,
                    ort_layout=args.ort_layout, example_inputs=args.input or None,
-                   show_progress=enabled(), load_options=load_options(args))
+                   show_progress=enabled(), load_options=load_options(args), quantize=args.quantize)
     if args.json_out == "-" or args.fmt == "json":
         print(json.dumps(result, indent=1))
     elif args.fmt == "csv":

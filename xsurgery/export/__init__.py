@@ -27,13 +27,19 @@ The graph is produced by the TorchScript exporter (``torch.onnx.export(dynamo=Fa
 gather execution already is ``index_select`` + ``conv2d(groups=G)``, which it maps to
 Gather + Conv(group). On torch 2.14 it is 10-20x faster than the dynamo exporter and keeps a
 dynamic batch axis from a batch-1 example (the dynamo exporter specialises batch 1).
+
+``quantize="int8"`` then quantizes the verified float file (static QDQ through ONNX Runtime's
+quantizer, calibrated on given batches or random inputs) and writes the int8 file, compared
+with the float one (:mod:`xsurgery.export._quantize`).
 """
 
 from __future__ import annotations
 
 from ._export import DEFAULT_OPSET, LAYOUTS, MAX_OPSET, ExportResult, export_onnx
 from ._meta import read_metadata
+from ._quantize import GATHER_CHOICES, INT8_RTOL, MAX_TOP1_DROP, QUANTIZE
 from .runtimes import RUNTIMES, Runtime, get_runtime, list_runtimes, register_runtime, unregister_runtime
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "MAX_OPSET", "RUNTIMES", "ExportResult", "Runtime", "export_onnx",
+__all__ = ["DEFAULT_OPSET", "GATHER_CHOICES", "INT8_RTOL", "LAYOUTS", "MAX_OPSET", "MAX_TOP1_DROP", "QUANTIZE",
+           "RUNTIMES", "ExportResult", "Runtime", "export_onnx",
            "get_runtime", "list_runtimes", "read_metadata", "register_runtime", "unregister_runtime"]

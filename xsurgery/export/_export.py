@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 from .._util.copying import deepcopy_model, uncompiled
 from .._util.io import check_output, os_error, replace_from_temp, temp_beside
 from ..errors import UserError
-from . import _ort
+from . import _ort, _quantize
 from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, takes_inner_shape
 from ._meta import _metadata
 from ._trace import (
@@ -65,6 +65,8 @@ class ExportResult:
     auto_pick: str | None = None  # all-dense, all-gather or per-layer choices
     runtime: str = "onnxruntime"  # where auto timed, and the file was verified and benchmarked
     verified_on: str = "the model"
+    quantize: str | None = None  # "int8": the file is QDQ int8 (the float errors above are the float file's)
+    int8: dict[str, Any] | None = None  # the int8 record (also the file's xsurgery.int8 metadata)
 
     @property
     def latency_ratio(self) -> float | None:
@@ -92,6 +94,12 @@ def export_onnx(
     runtime: str = "onnxruntime",
     verbose: bool = True,
     allow_nonfinite: bool = False,
+    quantize: str | None = None,
+    calibration: Iterable[Any] | None = None,
+    test_data: Iterable[tuple[Any, Any]] | None = None,
+    int8_gather: str = "auto",
+    int8_rtol: float = _quantize.INT8_RTOL,
+    max_top1_drop: float = _quantize.MAX_TOP1_DROP,
 ) -> ExportResult:
     """Export ``model`` (X-layers or none) to ONNX, check it, verify it in ORT, write ``path``.
 
@@ -119,6 +127,19 @@ def export_onnx(
         verbose: print per-layer choices, errors and latencies.
         allow_nonfinite: export NaN/inf weights instead of refusing them (verification
             still fails on non-finite outputs; pass ``verify=False`` too).
+        quantize: ``"int8"``: the verified float file is quantized (static QDQ, ONNX Runtime's
+            quantizer, weights per channel) and the int8 file is written instead (see
+            :mod:`xsurgery.export._quantize`).
+        calibration: int8: an iterable of input batches (each a tensor, tuple or dict, as
+            ``example_inputs``) calibrating the activation ranges; None: random inputs, with a
+            warning.
+        test_data: int8: an iterable of ``(inputs, labels)`` batches: float and int8 top-1 are
+            measured in the runtime and the export fails when int8 loses more than
+            ``max_top1_drop`` points.
+        int8_gather: ``auto`` (each X-layer's Gather in int8 or float, whichever verifies and
+            runs faster), ``int8`` or ``float``.
+        int8_rtol: int8 fails when ``max|y_int8 - y_float| > int8_rtol * max|y_float|``.
+        max_top1_drop: points of top-1 the int8 file may lose on ``test_data``.
 
     Verification fails on NaN/inf in either output. When the outputs are the same for every
     input (a zero-initialised head), it says so and verifies a copy whose all-zero
@@ -131,14 +152,18 @@ def export_onnx(
     onnx = _import_onnx()
     log = print if verbose else (lambda *a, **k: None)
     rt, opset = _check_arguments(runtime, layout, opset, static_batch, rtol, atol)
+    _quantize.check_quantize(quantize, int8_gather, int8_rtol, max_top1_drop)
+    if quantize and benchmark:
+        raise UserError("--benchmark times the float file; time int8 files with xsurgery bench MODEL --quantize int8")
     path = os.fspath(path)
     check_output(path, force=force)  # exists without --force, a folder, a missing or read-only folder
 
     prep = _prepare(model, example_inputs, input_size, static_batch, opset, verify, allow_nonfinite)
     result = ExportResult(path=path, layout=layout, input_shape=prep.shape, input_names=prep.in_names,
-                          dynamic_batch=prep.dynamic, opset=opset, runtime=runtime)
+                          dynamic_batch=prep.dynamic, opset=opset, runtime=runtime, quantize=quantize)
     dense_sess = _choose_layouts(prep, layout, rt, threads, result, log)
     tmp = temp_beside(path)
+    int8_tmp = temp_beside(path) if quantize else None
     try:
         _trace(onnx, prep, model, result, tmp, log)
         if benchmark and dense_sess is None:
@@ -149,12 +174,17 @@ def export_onnx(
         if benchmark:
             _time(rt, sess, dense_sess, prep.feed, result, log)
         del sess, dense_sess
-        replace_from_temp(tmp, path, force)
+        if int8_tmp is not None:
+            result.int8 = _quantize.int8_phase(prep, rt, threads, tmp, int8_tmp, calibration=calibration,
+                                               test_data=test_data, gather=int8_gather, rtol=int8_rtol,
+                                               max_top1_drop=max_top1_drop, verify=verify, log=log)
+        replace_from_temp(int8_tmp or tmp, path, force)
     except OSError as exc:  # the disk filled up, the folder went read-only: one line, no file
         raise os_error(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t in (tmp, int8_tmp):
+            if t is not None and os.path.exists(t):
+                os.remove(t)
     log(f"wrote {path}")
     return result
 
