@@ -73,7 +73,7 @@ def test_tiny_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "xsurgery.cli", "sweep", DIGITS, "--variants", "dense", "x@2", "--seeds", "0",
            "epochs=1", "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + ["--batch", "1", "4"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "dense/s0 done" in proc.stderr and "x@2/s0 done" in proc.stderr
     page = (out / "README.md").read_text()
@@ -83,6 +83,8 @@ def test_tiny_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     rows = {r["variant"]: r for r in summary["variants"]}
     assert set(rows) == {"dense", "x@2"} and rows["dense"]["latency"] == 1.0
     assert math.isfinite(rows["x@2"]["latency"]) and rows["x@2"]["latency"] > 0  # measured, not judged here
+    assert rows["x@2"]["latency_by_batch"]["1"] == rows["x@2"]["latency"] and rows["dense"]["latency_by_batch"]["4"] == 1
+    assert summary["meta"]["batches"] == [1, 4] and "| batch 4 |" in page
     assert rows["x@2"]["macs"] < rows["dense"]["macs"]
     per_run = json.loads((out / "results" / "x_2-s0.json").read_text())
     result = json.loads((out / "runs" / "x_2" / "s0" / "result.json").read_text())

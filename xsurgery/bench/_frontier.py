@@ -63,6 +63,10 @@ def still_rising(curve: Sequence[float]) -> bool:
     return 100 * (max(curve[-2:]) - max(curve[:-2])) > RISING_POINTS
 
 
+def _ratio(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.2f}"
+
+
 def _num(v: float) -> str:
     if math.isnan(v):
         return "n/a"
@@ -74,14 +78,17 @@ def _num(v: float) -> str:
 
 def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plots: Sequence[str]) -> str:
     """The markdown page: how it was measured, the table (fronts starred) and the plots."""
+    extra = [str(b) for b in (meta.get("batches") or [])[1:]]  # latency at further batch sizes
     lines = [f"# {title}", "",
              f"Recipe `{meta['recipe']}`; seeds {', '.join(map(str, meta['seeds']))}; overrides "
              f"`{' '.join(meta['overrides']) or 'none'}`. Top-1 on the test split (mean ± std over seeds) "
              f"of each run's `best.xs`. Latency: {meta.get('latency_note', 'not measured')}.", "",
-             "| variant | top-1 % | params | MACs | latency / dense | front (latency, MACs, params) |",
-             "|---|---|---|---|---|---|"]
+             f"| variant | top-1 % | params | MACs | latency / dense{''.join(f' | batch {b}' for b in extra)} "
+             f"| front (latency, MACs, params) |",
+             "|---|---|---|---|---|" + "---|" * len(extra) + "---|"]
     for r in rows:
-        lat = "n/a" if math.isnan(r["latency"]) else f"{r['latency']:.2f}"
+        lat = " | ".join(_ratio(v) for v in [r["latency"], *(r.get("latency_by_batch", {}).get(b, math.nan)
+                                                              for b in extra)])
         fronts = ", ".join("*" if r[f"front_{k}"] else "-" for k, _ in COSTS)
         lines.append(f"| {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {_num(r['params'])} | "
                      f"{_num(r['macs'])} | {lat} | {fronts} |")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._sweep_runs import SweepRun, curve, result, slug
@@ -14,9 +14,10 @@ from ._variants import Variant
 __all__ = ["measure_runs"]
 
 
-def measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batch: int, threads: int,
-                  repeat: int, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
-    """Per run: top-1, params, MACs; per variant: its seed-0 (first) file's latency / dense."""
+def measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batches: Sequence[int], threads: int,
+                 repeat: int, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
+    """Per run: top-1, params, MACs; per batch and variant: its first seed's file's latency / dense
+    (every batch's files timed in one interleaved run; nothing when not measured)."""
     import torch
 
     from ..analysis import report
@@ -40,31 +41,34 @@ def measure_runs(runs: list[SweepRun], out: str, runtime: str | None, batch: int
         if not run.variant.accuracy_only:
             models.setdefault(run.variant.name, (model, size, run.variant))
     if runtime is None or not models:
-        return rows, None
+        return rows, {}
     dense = _reference(models)
     if dense is None:
         log("sweep: no dense variant finished; latency is not measured (add 'dense' or 'dense@1')")
-        return rows, None
+        return rows, {}
     from .._util.progress import Bar
     from ..export import export_onnx
     from ._measure import measure, runtime_runner
 
     folder = os.path.join(out, "onnx")
     os.makedirs(folder, exist_ok=True)
-    runners = {}
+    paths = {}
     with Bar(total=len(models), desc="sweep: exporting") as bar:
-        for name, (model, size, _) in models.items():
-            path = os.path.join(folder, f"{slug(name)}.onnx")
-            x = torch.randn(batch, *size)
-            export_onnx(model, path, example_inputs=x, force=True, verbose=False, runtime=runtime, threads=threads)
-            runners[name] = runtime_runner(runtime, path, x, threads)
+        for name, (model, size, _) in models.items():  # one file per variant (dynamic batch), its layout chosen at
+            paths[name] = os.path.join(folder, f"{slug(name)}.onnx")  # the first batch
+            export_onnx(model, paths[name], example_inputs=torch.randn(batches[0], *size), force=True, verbose=False,
+                        runtime=runtime, threads=threads)
             bar.update(1, info=name)
     busy = _busy()
     if busy:
         log(f"sweep: {busy}; latencies taken now are not to be trusted: run the sweep again on a quiet machine "
             f"(finished runs are skipped, only the timing is redone)")
-    timings = measure(runners, repeat=repeat)
-    ratios = {n: t.median_ms / timings[dense].median_ms for n, t in timings.items()}
+    ratios = {}
+    for batch in batches:
+        runners = {name: runtime_runner(runtime, path, torch.randn(batch, *models[name][1]), threads)
+                   for name, path in paths.items()}
+        timings = measure(runners, repeat=repeat)
+        ratios[batch] = {n: t.median_ms / timings[dense].median_ms for n, t in timings.items()}
     return rows, ratios
 
 

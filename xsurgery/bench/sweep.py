@@ -158,7 +158,7 @@ def sweep(
     threads: int = 1,
     device: str = "cpu",
     runtime: str | None = "onnxruntime",
-    batch: int = 1,
+    batch: int | Sequence[int] = 1,
     latency_threads: int = 2,
     repeat: int = 15,
     log: Callable[[str], None] | None = None,
@@ -175,18 +175,26 @@ def sweep(
         out: the results folder; finished runs in it are skipped, started ones resumed.
         jobs: trainings at a time, each on ``threads`` threads.
         runtime: a registered export runtime for the latency (``None``: not measured); files
-            are timed interleaved in one process, ``batch`` per call, on ``latency_threads``.
+            are timed interleaved in one process, ``batch`` per call (several: one timing run
+            each; the first batch's latency is the front's), on ``latency_threads``.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    if not batches or any(b < 1 for b in batches) or len(set(batches)) < len(batches):
+        raise UserError("give the latency batch sizes as distinct integers >= 1, e.g. --batch 1 8")
     runs = plan_sweep(recipe, variants, seeds, overrides, out)
     failures = train_runs(runs, out, jobs, threads, device, log)
-    rows, latency = measure_runs(runs, out, runtime, batch, latency_threads, repeat, log)
+    rows, by_batch = measure_runs(runs, out, runtime, batches, latency_threads, repeat, log)
     if not rows:
         raise UserError(f"no run of the sweep finished ({failures[0] if failures else 'nothing trained'})")
+    latency = by_batch.get(batches[0])
     summary_rows = summarize(rows, latency)
+    for r in summary_rows:
+        r["latency_by_batch"] = {str(b): ratios.get(r["variant"], math.nan) for b, ratios in by_batch.items()}
     meta = {"recipe": recipe, "variants": list(variants), "seeds": list(seeds), "overrides": list(overrides),
-            "runtime": runtime, "batch": batch, "latency_threads": latency_threads,
-            "latency_note": (f"{runtime}, batch {batch}, {latency_threads} threads, median of {repeat} interleaved "
+            "runtime": runtime, "batch": batches[0], "batches": batches, "latency_threads": latency_threads,
+            "latency_note": (f"{runtime}, batch {' and '.join(map(str, batches))} (the front: batch {batches[0]}), "
+                             f"{latency_threads} threads, median of {repeat} interleaved "
                              f"rounds, ratio to the dense variant" if latency else "not measured"),
             "load_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "failures": failures}

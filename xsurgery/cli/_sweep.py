@@ -39,7 +39,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     flags = [o for o in args.overrides if o.startswith("-")]
     if flags:
         raise UserError(f"put options such as {flags[0]} before the key=value overrides")
-    if args.jobs < 1 or args.threads < 1 or args.batch < 1:
+    if args.jobs < 1 or args.threads < 1 or min(args.batch) < 1:
         raise UserError("--jobs, --threads and --batch must be >= 1")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output} is a file; give a folder (finished runs in it are skipped)")
@@ -75,7 +75,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML file (recipes/<name>.yaml, or just <name>)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for every run, e.g. epochs=1")
     p.add_argument("--variants", nargs="+", required=True, metavar="V",
-                   help="recipe variants or dense@W, x@C, grouped@C, wide-x@W (x@4:mixing=1,mix_points=chain)")
+                   help="recipe variants or dense@W, x@C, grouped@C, wide-x@W, tp@C, "
+                        "unstructured@C (x@4:mixing=1,mix_points=chain; tp@4:epochs=2,lr=0.01)")
     p.add_argument("--seeds", nargs="+", default=["0"], metavar="S", help="seeds (default 0)")
     p.add_argument("-o", "--output", default="sweep", metavar="FOLDER",
                    help="results folder (default sweep/); finished runs are skipped, started ones resumed")
@@ -84,7 +85,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="training device: cpu (default), cuda, cuda:N")
     p.add_argument("--runtime", default="onnxruntime", choices=[*RUNTIMES, "none"],
                    help="where latency is measured (default onnxruntime; none: not measured)")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="batch of the latency measurement (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="N",
+                   help="batch(es) of the latency measurement (default 1; --batch 1 8: both, the front at the first)")
     add_output_args(p, table=False, force=False)
     p.set_defaults(func=_cmd_sweep)
     p.__class__ = intermixed(type(p))
