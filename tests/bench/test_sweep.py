@@ -117,6 +117,16 @@ def test_an_interrupted_run_is_resumed(tmp_path):
     assert epochs == [1, 2]  # epoch 1 was not trained again
 
 
+def test_a_run_killed_before_its_first_epoch_starts_over(tmp_path):
+    out = str(tmp_path / "sweep")
+    (run,) = plan_sweep(DIGITS, ["x@2"], [0], ["epochs=1"], out)
+    os.makedirs(run.folder)
+    with open(os.path.join(run.folder, "recipe.yaml"), "w") as f:  # what a kill during epoch 1 leaves
+        f.write("name: x\n")
+    result = sweep(DIGITS, ["x@2"], seeds=[0], overrides=["epochs=1"], out=out, runtime=None, log=lambda _: None)
+    assert run.done and not result["meta"]["failures"]
+
+
 def test_an_interrupted_sweep_stops_its_trainings_and_starts_no_more(tmp_path):
     import signal
     import time

@@ -49,17 +49,19 @@ def _finished(folder: str) -> bool:
 
 def _train_one(run: SweepRun, out: str, threads: int, device: str,
                children: _Children) -> tuple[SweepRun, int, str, float]:
-    """``xsurgery train`` on the run's recipe in a subprocess (``--resume`` where it started)."""
+    """``xsurgery train`` on the run's recipe in a subprocess (``--resume`` where an epoch finished)."""
     from .._util.io import write_text
-    from ..train import Recipe, recipe_to_yaml
+    from ..train import STATE_JSON, Recipe, recipe_to_yaml
 
     recipes = os.path.join(out, "recipes")
     os.makedirs(recipes, exist_ok=True)
     path = os.path.join(recipes, f"{slug(run.variant.name)}-s{run.seed}.yaml")
     write_text(path, recipe_to_yaml(Recipe.from_dict(run.recipe)), force=True)
     cmd = [sys.executable, "-m", "xsurgery.cli", "train", path, "--device", device, "--quiet"]
-    if os.path.isdir(run.folder) and os.listdir(run.folder):
-        cmd.append("--resume")
+    if os.path.isfile(os.path.join(run.folder, STATE_JSON)):
+        cmd.append("--resume")  # continue from its last finished epoch
+    elif os.path.isdir(run.folder) and os.listdir(run.folder):
+        cmd.append("--force")  # the sweep's own folder, stopped before its first epoch: nothing to keep
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.monotonic()
     code, tail = children.run(cmd, env)

@@ -13,8 +13,8 @@ from ._build import build_model, build_teacher, distill_loss
 from ._loop import lr_at, train
 from ._recipe import Recipe, apply_overrides, load_recipe, read_recipe_file, recipe_to_yaml
 from ._results import final_line
-from ._state import BEST, CHECKPOINT, RESULT
+from ._state import BEST, CHECKPOINT, RESULT, STATE_JSON
 from .data import build_splits
 
-__all__ = ["BEST", "CHECKPOINT", "RESULT", "Recipe", "apply_overrides", "build_model", "build_splits", "build_teacher",
+__all__ = ["BEST", "CHECKPOINT", "RESULT", "STATE_JSON", "Recipe", "apply_overrides", "build_model", "build_splits", "build_teacher",
            "distill_loss", "final_line", "load_recipe", "lr_at", "read_recipe_file", "recipe_to_yaml", "train"]
