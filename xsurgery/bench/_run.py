@@ -71,8 +71,10 @@ def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, thre
     kwargs["threads"] = threads  # the machine's setting, not an option: auto times its layouts with it
     result = export_onnx(model, str(path), **kwargs)
     chosen = list((getattr(result, "layers", None) or {}).values())
-    if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather"
-        return f"auto: {chosen.count('gather')}/{len(chosen)} gather"
+    if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather" or "auto: 60/72 matmul"
+        sparse = [f for f in chosen if f != "dense"]
+        counts = ", ".join(f"{sparse.count(f)}/{len(chosen)} {f}" for f in dict.fromkeys(sparse))
+        return f"auto: {counts or f'0/{len(chosen)} gather'}"
     return layout or "auto"
 
 
