@@ -147,19 +147,21 @@ def test_auto_keeps_dense_for_a_layer_no_sparse_form_beats(tmp_path, monkeypatch
 
 def test_report_counts_a_matmul_file_like_a_gather_file(tmp_path):
     from xsurgery.analysis import onnx_report
-    from xsurgery.export._export import _prepare
 
     model = _Mlp().eval()
     x = torch.randn(1, 32)
-    export_onnx(model, tmp_path / "gather.onnx", example_inputs=x, layout="gather", verbose=False, threads=1)
-    # no layout option names matmul: write the file auto writes when it picks matmul for every layer
-    buf = io.BytesIO()
-    _prepare(model, x, None, None, 18, False, False).export_to({"fc1": "matmul", "fc2": "matmul"}, buf)
-    proto = onnx.load_from_string(buf.getvalue())
-    assert "Conv" not in _ops(proto) and _ops(proto).count("MatMul") == 2
-    for p in onnx.load(tmp_path / "gather.onnx").metadata_props:
-        proto.metadata_props.add(key=p.key, value=p.value.replace('"layout":"gather"', '"layout":"matmul"'))
-    onnx.save(proto, tmp_path / "matmul.onnx")
+    for form in ("gather", "matmul"):
+        res = export_onnx(model, tmp_path / f"{form}.onnx", example_inputs=x, layout=form, verbose=False, threads=1)
+        assert res.layers == {"fc1": form, "fc2": form}
+    assert "Conv" not in _ops(onnx.load(tmp_path / "matmul.onnx"))
     reports = {form: onnx_report(str(tmp_path / f"{form}.onnx")).totals for form in ("gather", "matmul")}
     assert reports["matmul"]["macs_after"] == reports["gather"]["macs_after"] == 32 * 16 + 8 * 16
     assert reports["matmul"]["params_after"] == reports["gather"]["params_after"]
+
+
+def test_matmul_layout_leaves_convs_in_their_gather_form(tmp_path):
+    model = nn.Sequential(XConv2d(8, 8, 1, compress=2), nn.Flatten(1), XLinear(8 * 4 * 4, 8, compress=2)).eval()
+    res = export_onnx(model, tmp_path / "m.onnx", input_size=(8, 4, 4), layout="matmul", verbose=False, threads=1)
+    assert res.layers == {"0": "gather", "2": "matmul"} and res.max_rel_err < 1e-4
+    ops = _ops(onnx.load(tmp_path / "m.onnx"))
+    assert ops.count("Conv") == 1 and ops.count("MatMul") == 1 and ops.count("Gather") == 2

@@ -35,7 +35,7 @@ from ._trace import (
 from ._verify import _feed, _to_cpu, _verify
 from .runtimes import Runtime, get_runtime
 
-LAYOUTS = ("auto", "gather", "dense")
+LAYOUTS = ("auto", "gather", "matmul", "dense")
 DEFAULT_OPSET = 18  # read by every ORT of the last years; Gather/Conv/MatMul gain nothing from newer ones
 MAX_OPSET = 23  # the newest the TorchScript exporter writes (torch 2.14)
 
@@ -105,7 +105,8 @@ def export_onnx(
             or the dict keys (a lone tensor is ``input``), with their dtypes; axis 0 is a
             dynamic batch and axis 1 of integer inputs a dynamic sequence. The verification
             runs at twice the batch and half the sequence length.
-        layout: ``gather``, ``dense`` or ``auto`` (time both per layer, keep the faster).
+        layout: ``gather``, ``matmul`` (XLinear as a batched MatMul, the other X-layers gather),
+            ``dense`` or ``auto`` (time every form per layer and the whole model, keep the fastest).
         opset: ONNX opset (default :data:`DEFAULT_OPSET`).
         static_batch: fix the batch size to this; default a dynamic batch axis.
         verify: run the file in ORT on a random input and compare with torch (eval mode).
@@ -294,7 +295,7 @@ def _choose_layouts(prep: _Prepared, layout: str, rt: Runtime, threads: int | No
     """
     layers = prep.layers
     if not (layout == "auto" and layers):
-        result.layers = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
+        result.layers = {n: (layout if layout in forms_of(m) else "gather") for n, m in layers}
         return None
     log(f"timing each X-layer's forms (gather, dense, ...) in {rt.label} (batch {prep.shape[0]}):")
     choices, result.layer_timings_ms = _ort._per_layer_choices(layers, prep.shapes, prep.inner, prep.opset,
