@@ -22,6 +22,7 @@ ratios are the median of the per-round ratios to dense. MACs ratio: the report's
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ def _example(model, batch: int, seq: int, seed: int = 0):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     kw = {"input_ids": ids}
-    if "attention_mask" in model.forward.__code__.co_varnames:
+    if "attention_mask" in inspect.signature(model.forward).parameters:  # GPT-2 exports only with one
         kw["attention_mask"] = torch.ones(batch, seq, dtype=torch.int64)
     return (), kw
 
