@@ -10,7 +10,7 @@ from torch import nn
 
 from ..graphs import BipartiteGraph, build_graph, degree_for, min_covering_degree
 from ._config import SparsityConfig
-from ._functional import EXECUTIONS, auto_execution, dense_weight, inverse_index
+from ._functional import EXECUTIONS, auto_execution, dense_weight
 
 INITS = ("kaiming", "keep")
 
@@ -93,14 +93,6 @@ class XBase(nn.Module):
             self._index_cpu = self.index.detach().cpu()
         n = self._index_cpu.numel()
         self._identity = n == self.in_features and bool(torch.equal(self._index_cpu, torch.arange(n)))
-        # every input read k times (any mixing-k graph): the gather's backward gathers by this
-        inverse = None if self._identity else inverse_index(self._index_cpu, self.in_features)
-        if inverse is not None:
-            inverse = inverse.to(self.index.device)
-        if "_inverse" in self._buffers:
-            self._inverse = inverse
-        else:
-            self.register_buffer("_inverse", inverse, persistent=False)
 
     def _cached_dense(self, x) -> torch.Tensor | None:
         """Inference only: the scattered dense weight, kept until the weight or index changes.

@@ -92,7 +92,7 @@ class XConvNd(XBase):
         return x_convnd(
             x, self.weight, self.index, self.bias, self.stride, self._padding_args(), self.dilation,
             blocks=self.blocks, execution=execution, padding_mode=self.padding_mode,
-            skip_gather=self._identity, in_features=self.in_channels, dims=self._dims, inverse=self._inverse,
+            skip_gather=self._identity, in_features=self.in_channels, dims=self._dims,
         )
 
     def extra_repr(self) -> str:

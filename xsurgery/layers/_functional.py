@@ -8,12 +8,6 @@ registered; both compute the same function (masked is the reference in tests):
 * ``masked``: scatter the compact weight into the dense ``[C_out, C_in, kh, kw]`` weight and run
   the plain conv; faster where G is large.
 
-The gather's backward is ``index_add`` (zero-fill + scatter-add), slow on CPU. Where every
-input is read the same number of times k (every mixing-k graph), the layer passes the
-inverse index (:func:`inverse_index`: ``[k, C_in]`` positions of each input in the gathered
-tensor) and the gather runs as :func:`gather_channels`, whose backward is a gather of the
-gradient by that inverse plus a sum over the k copies: the same numbers, no scatter.
-
 ``execution="auto"`` picks per layer with :func:`auto_execution`. A new execution is one
 :func:`register_execution` entry (a conv and a linear function).
 """
@@ -32,8 +26,6 @@ __all__ = [
     "auto_execution",
     "conv_nd",
     "dense_weight",
-    "gather_channels",
-    "inverse_index",
     "list_executions",
     "register_execution",
     "x_conv1d",
@@ -75,54 +67,6 @@ def dense_weight(weight: torch.Tensor, index: torch.Tensor, in_features: int, bl
     return dense.scatter(1, rows, weight)
 
 
-def inverse_index(index: torch.Tensor, in_features: int) -> torch.Tensor | None:
-    """``inv`` of shape ``[k, C_in]`` with ``index[inv[j, c]] == c`` when every input of the flat
-    ``index`` appears exactly k times (positions in increasing order); else None."""
-    n = index.numel()
-    if in_features < 1 or n == 0 or n % in_features:
-        return None
-    k = n // in_features
-    counts = torch.bincount(index.reshape(-1), minlength=in_features)
-    if counts.numel() != in_features or not bool((counts == k).all()):
-        return None
-    order = torch.argsort(index.reshape(-1), stable=True)  # grouped by input: [C_in, k]
-    return order.view(in_features, k).t().contiguous()
-
-
-class _RegularGather(torch.autograd.Function):
-    """``x.index_select(dim, index)`` whose backward gathers by the inverse index (no index_add)."""
-
-    @staticmethod
-    def forward(x, dim, index, inverse):
-        return x.index_select(dim, index)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, dim, _, inverse = inputs
-        ctx.dim = dim
-        ctx.save_for_backward(inverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        k, n = inverse.shape
-        g = grad.index_select(ctx.dim, inverse.reshape(-1))
-        if k > 1:
-            g = g.unflatten(ctx.dim, (k, n)).sum(ctx.dim)
-        return g, None, None, None
-
-
-def gather_channels(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-    """``x.index_select(dim, index)``; with ``inverse`` (:func:`inverse_index` of ``index``) and a
-    gradient to compute, through :class:`_RegularGather` (same values, cheaper backward). Tracing,
-    ONNX export and inference take the plain ``index_select``."""
-    if (inverse is not None and isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
-        return _RegularGather.apply(x, dim % x.dim(), index, inverse)
-    return x.index_select(dim, index)
-
-
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -138,9 +82,8 @@ def conv_nd(x, weight, bias, stride, padding, dilation, groups, padding_mode, di
 @dataclass(frozen=True)
 class Execution:
     """How an X-layer runs: ``conv(x, weight, index, bias, stride, padding, dilation, blocks,
-    padding_mode, skip_gather, in_features, dims, inverse=None)`` and ``linear(x, weight, index,
-    bias, blocks, skip_gather, in_features, inverse=None)`` (``inverse``: see
-    :func:`inverse_index`; an execution may ignore it)."""
+    padding_mode, skip_gather, in_features, dims)`` and ``linear(x, weight, index, bias, blocks,
+    skip_gather, in_features)``."""
 
     name: str
     conv: Callable[..., torch.Tensor]
@@ -170,30 +113,30 @@ def _execution(name: str) -> Execution:
 
 
 def _gather_conv(x, weight, index, bias, stride, padding, dilation, blocks, padding_mode, skip_gather, in_features,
-                 dims, inverse=None):
+                 dims):
     if not skip_gather:
-        x = gather_channels(x, 1, index, inverse)
+        x = x.index_select(1, index)
     return conv_nd(x, weight, bias, stride, padding, dilation, blocks, padding_mode, dims)
 
 
 def _masked_conv(x, weight, index, bias, stride, padding, dilation, blocks, padding_mode, skip_gather, in_features,
-                 dims, inverse=None):
+                 dims):
     w = dense_weight(weight, index, in_features or x.shape[1], blocks)
     return conv_nd(x, w, bias, stride, padding, dilation, 1, padding_mode, dims)
 
 
-def _gather_linear(x, weight, index, bias, blocks, skip_gather, in_features, inverse=None):
+def _gather_linear(x, weight, index, bias, blocks, skip_gather, in_features):
     out_features, degree = weight.shape
     lead = x.shape[:-1]
     if not skip_gather:
-        x = gather_channels(x, -1, index, inverse)
+        x = x.index_select(-1, index)
     xg = x.reshape(-1, blocks, degree).transpose(0, 1)  # [G, M, D]
     w = weight.view(blocks, out_features // blocks, degree).transpose(1, 2)  # [G, D, O/G]
     y = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, out_features)
     return y if bias is None else y + bias
 
 
-def _masked_linear(x, weight, index, bias, blocks, skip_gather, in_features, inverse=None):
+def _masked_linear(x, weight, index, bias, blocks, skip_gather, in_features):
     return F.linear(x, dense_weight(weight, index, in_features or x.shape[-1], blocks), bias)
 
 
@@ -217,7 +160,6 @@ def x_convnd(
     skip_gather: bool = False,
     in_features: int | None = None,
     dims: int | None = None,
-    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Functional X-conv in 1, 2 or 3 spatial dims.
 
@@ -233,12 +175,10 @@ def x_convnd(
         in_features: C_in for ``masked`` (default ``x.shape[1]``; a constant traces better).
         dims: spatial dims N (default ``weight.dim() - 2``; give it where ``weight`` is a
             tracing proxy).
-        inverse: :func:`inverse_index` of ``index`` (optional): ``gather``'s backward then
-            gathers instead of scattering.
     """
     dims = dims or weight.dim() - 2
     return _execution(execution).conv(x, weight, index, bias, stride, padding, dilation, blocks, padding_mode,
-                                      skip_gather, in_features, dims, inverse)
+                                      skip_gather, in_features, dims)
 
 
 def x_conv1d(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -266,7 +206,6 @@ def x_linear(
     execution: str = "gather",
     in_features: int | None = None,
     skip_gather: bool = False,
-    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional X-linear on inputs of any leading shape ``[..., C_in]`` (``inverse`` as :func:`x_convnd`'s)."""
-    return _execution(execution).linear(x, weight, index, bias, blocks, skip_gather, in_features, inverse)
+    """Functional X-linear on inputs of any leading shape ``[..., C_in]``."""
+    return _execution(execution).linear(x, weight, index, bias, blocks, skip_gather, in_features)

@@ -63,8 +63,7 @@ class XLinear(XBase):
         if execution == "masked" and (w := self._cached_dense(x)) is not None:
             return F.linear(x, w, self.bias)
         return x_linear(x, self.weight, self.index, self.bias, blocks=self.blocks,
-                        execution=execution, in_features=self.in_features, skip_gather=self._identity,
-                        inverse=self._inverse)
+                        execution=execution, in_features=self.in_features, skip_gather=self._identity)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}"
