@@ -4,7 +4,8 @@ Models: a 4-layer 512-wide MLP (batch 128, C = 32), ResNet-50 (batch 16, 128 px,
 Hugging Face BERT-base (batch 8, sequence 128, C = 4; built from its config, no download).
 Variants: ``dense``; ``grouped`` (``graph="grouped"``, contiguous blocks, no gather);
 ``default`` (``convert(model, compress=C)``, nothing else); ``fast`` (the fast preset,
-``mixing=1``). One step: ``zero_grad(set_to_none)``, forward in train mode, loss (cross
+``mixing=1``); optional ``x-gather`` / ``x-masked`` (the default graph with that execution
+forced, the two ``execution="auto"`` chooses between). One step: ``zero_grad(set_to_none)``, forward in train mode, loss (cross
 entropy on random labels; BERT: the mean of the last hidden state), backward, ``SGD(lr=1e-3,
 momentum=0.9).step()``.
 
@@ -31,7 +32,10 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-VARIANTS = {"dense": None, "grouped": {"graph": "grouped", "mixing": 1}, "default": {}, "fast": {"mixing": 1}}
+VARIANTS = {"dense": None, "grouped": {"graph": "grouped", "mixing": 1}, "default": {}, "fast": {"mixing": 1},
+            # the default graph forced to one execution (what execution="auto"'s rule chooses between)
+            "x-gather": {"execution": "gather"}, "x-masked": {"execution": "masked"}}
+DEFAULT_VARIANTS = ["dense", "grouped", "default", "fast"]
 
 
 def _mlp():
@@ -97,7 +101,8 @@ def _step_fn(model, x, labels, compiled: bool):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mlp", "resnet50", "bert"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help="default: dense grouped default fast; x-gather / x-masked force the default's execution")
     p.add_argument("--compress", type=float, default=None, help="override each model's C")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=20)
