@@ -78,8 +78,10 @@ def _export_model(model: nn.Module, x: Any, path: Path, layout: str | None, thre
         result = export_onnx(model, str(path), **kwargs)
     chosen = list((getattr(result, "layers", None) or {}).values())
     label = layout or "auto"
-    if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather"
-        label = f"auto: {chosen.count('gather')}/{len(chosen)} gather"
+    if layout is None and chosen:  # what auto picked, e.g. "auto: 37/52 gather" or "auto: 60/72 matmul"
+        sparse = [f for f in chosen if f != "dense"]
+        counts = ", ".join(f"{sparse.count(f)}/{len(chosen)} {f}" for f in dict.fromkeys(sparse))
+        label = f"auto: {counts or f'0/{len(chosen)} gather'}"
     int8 = getattr(result, "int8", None) or {}
     if int8.get("gather") in ("int8", "float"):
         label += f", {int8['gather']} Gather"

@@ -80,7 +80,8 @@ def add_cli(subparsers) -> None:
     add_model_args(p, checkpoint_ok=True)
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
-                   help="gather, dense, or auto (default: time both per layer in ORT, keep the faster)")
+                   help="gather, matmul (linear layers as a batched MatMul), dense, or auto (default: time every "
+                        "form per layer and the whole model in the runtime, keep the fastest)")
     p.add_argument("--opset", type=int, default=None, metavar="N", help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--static-batch", type=int, default=None, metavar="N", help="fix the batch size (default dynamic)")
     p.add_argument("--rtol", type=float, default=1e-4, help="verification tolerance relative to max|output| (default 1e-4)")

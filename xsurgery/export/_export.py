@@ -20,7 +20,7 @@ from .._util.copying import deepcopy_model, uncompiled
 from .._util.io import check_output, os_error, replace_from_temp, temp_beside
 from ..errors import UserError
 from . import _ort, _quantize
-from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, takes_inner_shape
+from ._forms import _inner_shapes, _run_recording, _with_layouts, _x_layers, forms_of, takes_inner_shape
 from ._meta import _metadata
 from ._trace import (
     _dynamic_axes,
@@ -35,7 +35,7 @@ from ._trace import (
 from ._verify import _feed, _to_cpu, _verify
 from .runtimes import Runtime, get_runtime
 
-LAYOUTS = ("auto", "gather", "dense")
+LAYOUTS = ("auto", "gather", "matmul", "dense")
 DEFAULT_OPSET = 18  # read by every ORT of the last years; Gather/Conv/MatMul gain nothing from newer ones
 MAX_OPSET = 23  # the newest the TorchScript exporter writes (torch 2.14)
 
@@ -113,7 +113,8 @@ def export_onnx(
             or the dict keys (a lone tensor is ``input``), with their dtypes; axis 0 is a
             dynamic batch and axis 1 of integer inputs a dynamic sequence. The verification
             runs at twice the batch and half the sequence length.
-        layout: ``gather``, ``dense`` or ``auto`` (time both per layer, keep the faster).
+        layout: ``gather``, ``matmul`` (XLinear as a batched MatMul, the other X-layers gather),
+            ``dense`` or ``auto`` (time every form per layer and the whole model, keep the fastest).
         opset: ONNX opset (default :data:`DEFAULT_OPSET`).
         static_batch: fix the batch size to this; default a dynamic batch axis.
         verify: run the file in ORT on a random input and compare with torch (eval mode).
@@ -324,14 +325,17 @@ def _choose_layouts(prep: _Prepared, layout: str, rt: Runtime, threads: int | No
     """
     layers = prep.layers
     if not (layout == "auto" and layers):
-        result.layers = {n: ("dense" if layout == "dense" else "gather") for n, _ in layers}
+        result.layers = {n: (layout if layout in forms_of(m) else "gather") for n, m in layers}
         return None
-    log(f"timing gather vs dense per X-layer in {rt.label} (batch {prep.shape[0]}):")
+    log(f"timing each X-layer's forms (gather, dense, ...) in {rt.label} (batch {prep.shape[0]}):")
     choices, result.layer_timings_ms = _ort._per_layer_choices(layers, prep.shapes, prep.inner, prep.opset,
                                                                threads, log, rt.session)
-    all_dense, all_gather = dict.fromkeys(choices, "dense"), dict.fromkeys(choices, "gather")
-    candidates = {"all-dense": all_dense, "all-gather": all_gather}
-    if choices not in (all_dense, all_gather):
+    candidates = {"all-dense": dict.fromkeys(choices, "dense"), "all-gather": dict.fromkeys(choices, "gather")}
+    # an alternative form (XLinear's matmul) for every layer that has it, gather for the others
+    others = dict.fromkeys(f for _, m in layers for f in forms_of(m) if f not in ("gather", "dense"))
+    for form in others:
+        candidates[f"all-{form}"] = {n: (form if form in forms_of(m) else "gather") for n, m in layers}
+    if choices not in candidates.values():
         candidates["per-layer choices"] = choices
     sessions = [rt.session(prep.to_bytes(choice), threads) for choice in candidates.values()]
     cmp = _ort.compare_sessions(list(candidates), sessions, prep.feed, dense=0)
@@ -364,8 +368,8 @@ def _trace(onnx: Any, prep: _Prepared, model: nn.Module, result: ExportResult, t
     del proto
     onnx.checker.check_model(tmp, full_check=True)
     if prep.layers:
-        n_g = sum(v == "gather" for v in choices.values())
-        log(f"layout {result.layout}: {n_g} of {len(choices)} X-layers gather, {len(choices) - n_g} dense")
+        counts = {f: sum(v == f for v in choices.values()) for f in dict.fromkeys(choices.values())}
+        log(f"layout {result.layout}: " + ", ".join(f"{n} {f}" for f, n in counts.items()) + " (X-layers)")
 
 
 def _time(rt: Runtime, sess: Any, dense_sess: Any, feed: dict[str, Any], result: ExportResult,

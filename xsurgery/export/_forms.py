@@ -1,8 +1,15 @@
-"""The export forms of an X-layer (gather / dense) and a model copy with chosen forms.
+"""The export forms of an X-layer (gather, alternatives such as matmul, dense) and a model copy
+with chosen forms.
 
 Every X-layer class has one entry in a registry (:func:`register_form`): the builder of its
-gather form and whether that form takes the layer's fixed inner input shape. The dense form
-is the layer's own ``to_dense()``. A new X-layer kind is one ``register_form`` entry here.
+gather form and whether that form takes the layer's fixed inner input shape; further named
+forms of the same class (``register_form(cls, form="matmul")``) are alternatives that
+``layout="auto"`` times against the gather and dense forms. The dense form is the layer's own
+``to_dense()``. A new X-layer kind is one ``register_form`` entry here.
+
+XLinear has three forms: ``gather`` (Gather + a grouped 1x1 Conv over the tokens),
+``matmul`` (Gather + one batched MatMul over the G blocks) and ``dense`` (a plain MatMul on
+the zero-filled weight, the fastest where blocks are few or tiny).
 
 The gather form of a conv whose index is a natural and one permuted copy (``graph="paired"``,
 or any index of that shape) is written as ``Conv(x) + Conv(Gather(x, perm))``: the same
@@ -30,29 +37,64 @@ ANY_ROWS = "any rows"
 GatherBuilder = Callable[..., nn.Module]
 
 
+DENSE = "dense"  # the form every X-layer has: its to_dense()
+GATHER = "gather"  # the form every registered class has
+
+
 @dataclass(frozen=True)
 class Form:
-    """How one X-layer class is exported: its gather-form builder; ``inner_shape``: the builder
-    takes the fixed dims of the layer's input between batch and features (see :func:`_inner_shapes`)."""
+    """How one X-layer class is exported: its gather-form builder; ``inner_shape``: the builders
+    take the fixed dims of the layer's input between batch and features (see :func:`_inner_shapes`);
+    ``others``: further named forms (``auto`` times them against gather and dense)."""
 
     gather: GatherBuilder
     inner_shape: bool = False
+    others: tuple[tuple[str, GatherBuilder], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every form of the class: gather, the alternatives, dense."""
+        return (GATHER, *(n for n, _ in self.others), DENSE)
+
+    def builder(self, name: str) -> GatherBuilder:
+        if name == GATHER:
+            return self.gather
+        for n, b in self.others:
+            if n == name:
+                return b
+        raise ValueError(f"no export form {name!r}; this class has {', '.join(self.names)}")
 
 
 _FORMS: dict[type, Form] = {}
 
 
-def register_form(*classes: type, inner_shape: bool = False) -> Callable[[GatherBuilder], GatherBuilder]:
-    """Decorator: ``builder`` makes the gather form of ``classes`` (a class registered twice raises)."""
+def register_form(*classes: type, inner_shape: bool = False,
+                  form: str = GATHER) -> Callable[[GatherBuilder], GatherBuilder]:
+    """Decorator: ``builder`` makes the ``form`` of ``classes``: ``gather`` (a class registered
+    twice raises), or the name of an alternative form of a class whose gather form is registered."""
     def add(builder: GatherBuilder) -> GatherBuilder:
         for cls in classes:
-            if cls in _FORMS:
+            have = _FORMS.get(cls)
+            if form == GATHER and have is not None:
                 raise ValueError(f"{cls.__name__} already has an export form")
+            if form != GATHER and have is None:
+                raise ValueError(f"{cls.__name__} needs a gather form before a {form!r} form")
+            if form != GATHER and form in have.names:
+                raise ValueError(f"{cls.__name__} already has a {form!r} form")
         for cls in classes:
-            _FORMS[cls] = Form(builder, inner_shape)
+            if form == GATHER:
+                _FORMS[cls] = Form(builder, inner_shape)
+            else:
+                have = _FORMS[cls]
+                _FORMS[cls] = Form(have.gather, have.inner_shape, (*have.others, (form, builder)))
         return builder
 
     return add
+
+
+def forms_of(layer: nn.Module) -> tuple[str, ...]:
+    """The export forms of an X-layer: ``gather``, its alternatives, ``dense``."""
+    return form_for(type(layer)).names
 
 
 def form_for(cls: type) -> Form:
@@ -77,13 +119,16 @@ class _GatherLinear(nn.Module):
     (up to 1.6x slower than the Conv at some shapes, so only where the rows vary).
     """
 
+    matmul = False  # the batched MatMul for every row count (_MatMulLinear)
+
     def __init__(self, layer: XLinear, inner_shape: tuple[int, ...] | str | None = None) -> None:
         super().__init__()
         self.blocks, self.in_features, self.out_features = layer.blocks, layer.in_features, layer.out_features
         # the dims between batch and features when they are fixed: the output reshape then has
         # a constant shape instead of a Shape/Gather/Concat chain per layer
-        self.any_rows = inner_shape == ANY_ROWS
-        self.inner_shape = None if self.any_rows else inner_shape
+        self.any_rows = self.matmul or inner_shape == ANY_ROWS
+        inner_shape = None if inner_shape == ANY_ROWS else inner_shape
+        self.inner_shape = inner_shape
         self.identity = bool(layer._identity)
         self.register_buffer("index", layer.index.detach().clone())
         self.register_buffer("weight", layer.weight.detach().unsqueeze(-1).clone())  # [O, D, 1]
@@ -101,9 +146,18 @@ class _GatherLinear(nn.Module):
             y = y.reshape(self.out_features, -1)  # [O, M]
             if self.bias is not None:
                 y = y + self.bias.view(-1, 1)
-            return y.t().reshape(*x.shape[:-1], self.out_features)
+            return y.t().reshape(*lead, self.out_features)
         y = F.conv1d(rows, self.weight, self.bias, groups=self.blocks)  # [1, C_out, M]
         return y.squeeze(0).t().reshape(*lead, self.out_features)
+
+
+@register_form(XLinear, inner_shape=True, form="matmul")
+class _MatMulLinear(_GatherLinear):
+    """Alternative export form of an XLinear: the same Gather on ``[C_in, M]`` rows, then one
+    batched ``MatMul`` ``[G, O/G, D] x [G, D, M]`` over the blocks instead of the grouped Conv
+    (ORT and OpenVINO run the two through different kernels; ``auto`` keeps the faster)."""
+
+    matmul = True
 
 
 def paired_perm(layer: nn.Module) -> torch.Tensor | None:
@@ -162,9 +216,9 @@ def _x_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _layer_form(layer: nn.Module, layout: str, inner_shape: tuple[int, ...] | str | None = None) -> nn.Module:
-    if layout == "dense":
+    if layout == DENSE:
         return layer.to_dense()
-    return form_for(type(layer)).gather(layer, inner_shape)
+    return form_for(type(layer)).builder(layout)(layer, inner_shape)
 
 
 def _with_layouts(model: nn.Module, choices: dict[str, str], inner: dict[str, tuple[int, ...] | None]) -> nn.Module:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._forms import _layer_form
+from ._forms import DENSE, _layer_form, forms_of
 from ._trace import _to_bytes
 
 # auto keeps a gather form only when it beats all-dense by this factor (and in most paired
@@ -111,9 +111,12 @@ def _decide(names: list[str], samples: list[list[float]], dense: int) -> tuple[i
         return dense, (f"no gather form beats all-dense by {100 * (1 - GATHER_MARGIN):.0f}% in "
                        f"{100 * MIN_WIN_SHARE:.0f}% of rounds (fastest: {names[best]})")
     fastest = min(ok, key=med.__getitem__)
-    uniform = names.index("all-gather") if "all-gather" in names else None
-    if uniform is not None and uniform in ok and med[uniform] <= PREFER_UNIFORM * med[fastest]:
-        return uniform, "all-gather is within noise of the fastest and does not depend on per-layer timings"
+    # the uniform candidates (all-gather, all-matmul, ...): the fastest of them when within noise
+    uniform = [i for i in ok if names[i].startswith("all-")]
+    best_uniform = min(uniform, key=med.__getitem__, default=None)
+    if best_uniform is not None and med[best_uniform] <= PREFER_UNIFORM * med[fastest]:
+        return best_uniform, (f"{names[best_uniform]} is within noise of the fastest and does not depend on "
+                              "per-layer timings")
     return fastest, "fastest"
 
 
@@ -145,8 +148,10 @@ def compare_sessions(names: list[str], sessions: list, feed: dict, *, dense: int
 
 def _per_layer_choices(layers, shapes, inner, opset, threads, log, make=None
                     ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Time gather vs dense of every X-layer alone (its input shape at the export batch);
-    ``make(model_bytes, threads)`` makes the runtime's session (default ORT's)."""
+    """Time every form of every X-layer alone (gather, its alternatives such as XLinear's matmul,
+    dense; the layer's input shape at the export batch) and keep the fastest sparse form where it
+    beats dense by ``GATHER_MARGIN``; ``make(model_bytes, threads)`` makes the runtime's session
+    (default ORT's)."""
     make = make or session
     choices, timings = {}, {}
     gen = torch.Generator().manual_seed(1)
@@ -154,16 +159,18 @@ def _per_layer_choices(layers, shapes, inner, opset, threads, log, make=None
 
     for name, layer in progress(layers, desc="timing X-layers in ORT"):
         if not shapes[name]:  # never called in forward: nothing to time, dense is safe
-            choices[name] = "dense"
+            choices[name] = DENSE
             continue
         xin = torch.randn(shapes[name][0], generator=gen).to(layer.weight.dtype)
+        forms = forms_of(layer)
         sessions = [make(_to_bytes(_layer_form(layer, form, inner.get(name)).eval(), xin, opset), threads)
-                    for form in ("gather", "dense")]
+                    for form in forms]
         # min, not median: a layer runs for microseconds to milliseconds, and on a shared machine
         # one preemption is longer than that; the fastest run is what each form can do
-        g_ms, d_ms = _time_sessions(sessions, {"input": xin.numpy()}, budget_s=LAYER_TIMING_S, min_reps=10,
-                                    stat="min")
-        choices[name] = "gather" if g_ms < GATHER_MARGIN * d_ms else "dense"
-        timings[name] = {"gather": round(g_ms, 4), "dense": round(d_ms, 4)}
-        log(f"  {name:<40} gather {g_ms:8.3f} ms  dense {d_ms:8.3f} ms  -> {choices[name]}")
+        ms = dict(zip(forms, _time_sessions(sessions, {"input": xin.numpy()}, budget_s=LAYER_TIMING_S,
+                                            min_reps=10, stat="min")))
+        best = min((f for f in forms if f != DENSE), key=ms.__getitem__)
+        choices[name] = best if ms[best] < GATHER_MARGIN * ms[DENSE] else DENSE
+        timings[name] = {f: round(t, 4) for f, t in ms.items()}
+        log(f"  {name:<40} " + "  ".join(f"{f} {t:8.3f} ms" for f, t in ms.items()) + f"  -> {choices[name]}")
     return choices, timings
