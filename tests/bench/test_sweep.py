@@ -73,7 +73,8 @@ def test_tiny_sweep_end_to_end_then_resume_skips_finished_runs(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "xsurgery.cli", "sweep", DIGITS, "--variants", "dense", "x@2", "--seeds", "0",
            "epochs=1", "-o", str(out)]
-    proc = subprocess.run(cmd + ["--batch", "1", "4"], capture_output=True, text=True, timeout=600)
+    # --batch takes several values and the key=value overrides may follow it
+    proc = subprocess.run(cmd[:10] + ["--batch", "1", "4"] + cmd[10:], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "dense/s0 done" in proc.stderr and "x@2/s0 done" in proc.stderr
     page = (out / "README.md").read_text()

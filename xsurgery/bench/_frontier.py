@@ -80,7 +80,8 @@ def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plo
     """The markdown page: how it was measured, the table (fronts starred) and the plots."""
     extra = [str(b) for b in (meta.get("batches") or [])[1:]]  # latency at further batch sizes
     lines = [f"# {title}", "",
-             f"Recipe `{meta['recipe']}`; seeds {', '.join(map(str, meta['seeds']))}; overrides "
+             f"Recipe `{meta['recipe']}`; seeds {', '.join(map(str, meta['seeds']))} (and the finished runs of other "
+             f"seeds in the folder: n per row); overrides "
              f"`{' '.join(meta['overrides']) or 'none'}`. Top-1 on the test split (mean ± std over seeds) "
              f"of each run's `best.xs`. Latency: {meta.get('latency_note', 'not measured')}.", "",
              f"| variant | top-1 % | params | MACs | latency / dense{''.join(f' | batch {b}' for b in extra)} "
@@ -90,7 +91,8 @@ def sweep_page(title: str, rows: list[dict[str, Any]], meta: dict[str, Any], plo
         lat = " | ".join(_ratio(v) for v in [r["latency"], *(r.get("latency_by_batch", {}).get(b, math.nan)
                                                               for b in extra)])
         fronts = ", ".join("*" if r[f"front_{k}"] else "-" for k, _ in COSTS)
-        lines.append(f"| {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {_num(r['params'])} | "
+        n = f" (n={len(r['seeds'])})" if len(r["seeds"]) > 1 else ""
+        lines.append(f"| {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f}{n} | {_num(r['params'])} | "
                      f"{_num(r['macs'])} | {lat} | {fronts} |")
     lines += ["", "`*`: on the Pareto front of top-1 against that cost (no variant is at most as costly and "
               "at least as accurate, and better in one)."]

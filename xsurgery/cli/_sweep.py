@@ -15,17 +15,20 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
-    """``--variants``/``--seeds`` take several values, so argparse hands them the ``key=value``
-    overrides that follow; move those back (a variant's options come after an ``@``)."""
-    for name in ("variants", "seeds"):
+    """``--variants``/``--seeds``/``--batch`` take several values, so argparse hands them the
+    ``key=value`` overrides that follow; move those back (a variant's options come after an ``@``)."""
+    for name in ("variants", "seeds", "batch"):
         values = getattr(args, name)
         keep = [v for v in values if not _OVERRIDE.match(v)]
         args.overrides = [*args.overrides, *(v for v in values if _OVERRIDE.match(v))]
         setattr(args, name, keep)
-    try:
-        args.seeds = [int(s) for s in args.seeds]
-    except ValueError:
-        raise UserError(f"--seeds takes integers, got {' '.join(args.seeds)}") from None
+    for name in ("seeds", "batch"):
+        try:
+            setattr(args, name, [int(s) for s in getattr(args, name)])
+        except ValueError:
+            raise UserError(f"--{name} takes integers, got {' '.join(getattr(args, name))}") from None
+    if not args.batch:
+        raise UserError("give --batch N... (e.g. --batch 1 8)")
     if not args.variants or not args.seeds:
         raise UserError("give --variants V... and --seeds S... (e.g. --variants dense x@2 --seeds 0)")
 
@@ -85,7 +88,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="training device: cpu (default), cuda, cuda:N")
     p.add_argument("--runtime", default="onnxruntime", choices=[*RUNTIMES, "none"],
                    help="where latency is measured (default onnxruntime; none: not measured)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="N",
+    p.add_argument("--batch", nargs="+", default=["1"], metavar="N",
                    help="batch(es) of the latency measurement (default 1; --batch 1 8: both, the front at the first)")
     add_output_args(p, table=False, force=False)
     p.set_defaults(func=_cmd_sweep)
