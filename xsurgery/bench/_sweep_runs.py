@@ -9,7 +9,7 @@ from typing import Any
 
 from ._variants import Variant
 
-__all__ = ["SweepRun", "curve", "result", "slug"]
+__all__ = ["SweepRun", "curve", "finished", "result", "slug"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,14 @@ class SweepRun:
 
     @property
     def done(self) -> bool:
-        from ..train import RESULT
+        return finished(self.folder)
 
-        return os.path.isfile(os.path.join(self.folder, RESULT))
+
+def finished(folder: str) -> bool:
+    """A run folder whose training finished (it holds its result)."""
+    from ..train import RESULT
+
+    return os.path.isfile(os.path.join(folder, RESULT))
 
 
 def slug(text: str) -> str:

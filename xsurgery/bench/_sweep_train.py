@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from ._sweep_runs import SweepRun, result, slug
+from ._sweep_runs import SweepRun, finished, result, slug
 
 __all__ = ["train_runs"]
 
@@ -39,12 +39,6 @@ class _Children:
             self.stopping = True
             for proc in self.procs:
                 proc.terminate()  # training saves nothing half-written: --resume continues it
-
-
-def _finished(folder: str) -> bool:
-    from ..train import RESULT
-
-    return os.path.isfile(os.path.join(folder, RESULT))
 
 
 def _train_one(run: SweepRun, out: str, threads: int, device: str,
@@ -82,7 +76,7 @@ def train_runs(runs: list[SweepRun], out: str, jobs: int, threads: int, device: 
     failures: list[str] = []
     children = _Children()
     pool = ThreadPoolExecutor(max(1, jobs))
-    waiting = [r for r in todo if r.needs and not _finished(r.needs)]  # start once the run they need is done
+    waiting = [r for r in todo if r.needs and not finished(r.needs)]  # start once the run they need is done
     running = {pool.submit(_train_one, r, out, threads, device, children) for r in todo if r not in waiting}
     try:
         with Bar(total=len(todo), desc="sweep: training") as bar:
@@ -97,7 +91,7 @@ def train_runs(runs: list[SweepRun], out: str, jobs: int, threads: int, device: 
                         failures.append(f"{run.key}: {tail}")
                         log(f"sweep: {run.key} FAILED (exit {code}): {tail}")
                     bar.update(1, info=run.key)
-                ready = [r for r in waiting if _finished(r.needs)]
+                ready = [r for r in waiting if finished(r.needs)]
                 waiting = [r for r in waiting if r not in ready]
                 running |= {pool.submit(_train_one, r, out, threads, device, children) for r in ready}
             for r in waiting:  # what they start from failed

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import UserError
 from ._frontier import summarize, sweep_page, sweep_plots
 from ._sweep_measure import measure_runs
-from ._sweep_runs import SweepRun, slug
+from ._sweep_runs import SweepRun, finished, slug
 from ._sweep_train import train_runs
 from ._variants import Variant, parse_variant
 
@@ -72,13 +72,11 @@ def _dense_of(parsed: list[Variant]) -> Variant | None:
 
 def _seeds(out: str, v: Variant, seeds: Sequence[int]) -> list[int]:
     """The asked seeds plus every seed of ``v`` already finished in ``out`` (the folder accumulates)."""
-    from ..train import RESULT
-
     found = set()
     folder = os.path.join(out, "runs", slug(v.name))
     if os.path.isdir(folder):
         for entry in os.listdir(folder):
-            if entry[:1] == "s" and entry[1:].isdigit() and os.path.isfile(os.path.join(folder, entry, RESULT)):
+            if entry[:1] == "s" and entry[1:].isdigit() and finished(os.path.join(folder, entry)):
                 found.add(int(entry[1:]))
     return sorted(set(seeds) | found)
 

@@ -37,26 +37,23 @@ def build_model(recipe: Recipe) -> nn.Module:
     torch.manual_seed(recipe.seed)
     m = recipe.model
     size = tuple(recipe.data.input_size)
+    spec = {k: v for k, v in recipe.surgery.to_dict().items() if k != "version"} if recipe.surgery else {}
     if recipe.surgery is None or recipe.unstructured:
         model = create_model(m.source, dict(m.kwargs), m.pretrained, weights=m.weights)
         model._xsurgery_input_size = list(size)
         if recipe.prune is not None:
             model, _ = prune_to_macs(model, recipe.prune.target_macs, size, round_to=recipe.prune.round_to)
-        if recipe.unstructured:
+        if recipe.unstructured:  # the layers and densities the surgery would give, kept dense and masked
             from ._masks import apply_masks, unstructured_masks
 
-            s = recipe.surgery.to_dict()
-            s.pop("version", None)
-            s.pop("init", None)
-            converted, _ = convert(m.source, model_kwargs=dict(m.kwargs), input_size=size, check=False, **s)
+            spec.pop("init", None)
+            converted, _ = convert(m.source, model_kwargs=dict(m.kwargs), input_size=size, check=False, **spec)
             model._xsurgery_masks = unstructured_masks(model, converted, recipe.seed)
             apply_masks(model, model._xsurgery_masks)
         return model
-    s = recipe.surgery.to_dict()
-    s.pop("version", None)
-    calibration = recipe if s.get("init") == "project" else None
+    calibration = recipe if spec.get("init") == "project" else None
     model, _ = convert(m.source, model_kwargs=dict(m.kwargs), pretrained=m.pretrained, weights=m.weights,
-                       input_size=size, calibration=calibration, **s)
+                       input_size=size, calibration=calibration, **spec)
     return model
 
 
