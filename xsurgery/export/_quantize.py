@@ -109,12 +109,17 @@ def x_gathers(model: Any, layers: Iterable[str]) -> list[str]:
 
 def _preprocess(src: str, dst: str, log: Callable[..., Any]) -> str:
     """ORT's pre-processing (shape inference, basic graph optimisation; node names kept): ``dst``,
-    or ``src`` unchanged when it cannot (the quantizer then infers shapes itself)."""
+    or ``src`` unchanged when it cannot (the quantizer then infers shapes itself).
+
+    It runs in ``dst``'s folder: when ORT's symbolic shape inference gives up it dumps
+    ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` file into the working directory, which
+    must not be the user's."""
     from onnxruntime.quantization import quant_pre_process
 
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
     for kwargs in ({}, {"skip_symbolic_shape": True}):
         try:
-            with _quiet_ort():
+            with _quiet_ort(), contextlib.chdir(os.path.dirname(dst)):
                 quant_pre_process(src, dst, **kwargs)
             return dst
         except Exception as exc:  # noqa: BLE001 - ORT's own errors; quantizing without it still works
