@@ -183,6 +183,17 @@ def test_the_defaults_rule_reads_gaps_off_the_latency_front():
     assert g["dense"] == g["thin"] == g["tiny"] == 0.0
     assert g["x@4"] == pytest.approx(0.5) and g["x@4:mixing=1"] == pytest.approx(1.0) and g["slow"] == pytest.approx(1.0)
     assert "untimed" not in g and tool.gaps([dict(r, latency=None) for r in rows]) == {}
+    # the rule's choice: smallest mean gap; within 0.1 of it the lower mean latency wins
+    a, b, c, d = tool.CANDIDATES
+    nets = {n: [{"variant": v, "latency": lat} for v, lat in ((a, 0.9), (b, 0.5), (c, 0.6), (d, 0.8))]
+            for n in ("n1", "n2")}
+    per_net = {"n1": {a: 0.0, b: 0.4, c: 0.2, d: 0.1}, "n2": {a: 0.2, b: 0.4, c: 0.1, d: 0.0}}
+    # mean gaps a 0.1, b 0.4, c 0.15, d 0.05: a and c are within 0.1 of d; c has the lowest latency
+    assert tool.pick(per_net, nets) == c
+    per_net["n1"][c] = 0.5  # c's mean 0.3 is out of the tie: d (0.05) against a (0.1, slower)
+    assert tool.pick(per_net, nets) == d
+    del per_net["n2"][d]  # a candidate not measured on every net: no choice yet
+    assert tool.pick(per_net, nets) is None
 
 
 def test_tp_and_unstructured_variants_plan_from_the_dense_run(tmp_path):
