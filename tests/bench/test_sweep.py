@@ -118,6 +118,18 @@ def test_an_interrupted_run_is_resumed(tmp_path):
     assert epochs == [1, 2]  # epoch 1 was not trained again
 
 
+def test_a_tp_run_trains_once_its_dense_run_has_finished(tmp_path):
+    out = str(tmp_path / "sweep")
+    lines: list[str] = []
+    result = sweep(DIGITS, ["dense", "tp@2:epochs=1"], seeds=[0], overrides=["epochs=1"], out=out, runtime=None,
+                   log=lines.append)
+    assert not result["meta"]["failures"]
+    done = [line for line in lines if " done in " in line]
+    assert [line.split()[1] for line in done] == ["dense/s0", "tp@2:epochs=1/s0"]  # dense first, tp after it
+    by = {r["variant"]: r for r in result["runs"]}
+    assert by["tp@2:epochs=1"]["macs"] < by["dense"]["macs"]
+
+
 def test_a_run_killed_before_its_first_epoch_starts_over(tmp_path):
     out = str(tmp_path / "sweep")
     (run,) = plan_sweep(DIGITS, ["x@2"], [0], ["epochs=1"], out)
