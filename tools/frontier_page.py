@@ -44,6 +44,21 @@ def gaps(rows: list[dict]) -> dict[str, float]:
     return {r["variant"]: max(0.0, front_top1(front, r["latency"]) - r["top1"]) for r in have} if front else {}
 
 
+def pick(per_net: dict[str, dict[str, float]], nets: dict[str, list[dict]]) -> str | None:
+    """The rule's choice: the candidate with the smallest mean gap over the nets that measured it
+    all; a tie within 0.1 points goes to the lower mean latency ratio. ``None`` until every net
+    has every candidate's gap."""
+    scored = []
+    for cand in CANDIDATES:
+        vals = [per_net[n].get(cand) for n in nets]
+        if not vals or any(v is None for v in vals):
+            return None
+        lat = [next(r["latency"] for r in rows if r["variant"] == cand) for rows in nets.values()]
+        scored.append((sum(vals) / len(vals), sum(lat) / len(lat), cand))
+    best = min(g for g, _, _ in scored)
+    return min((s for s in scored if s[0] <= best + 0.1), key=lambda s: s[1])[2]
+
+
 def _replace(path: str, block: str) -> None:
     text = open(path, encoding="utf-8").read()
     if BEGIN in text and END in text:
@@ -80,18 +95,29 @@ def main(argv: list[str] | None = None) -> int:
                      + ", ".join(f"{r['variant']} {r['top1']:.2f}" for r in sorted(rows, key=lambda r: -r["top1"])[:3])
                      + (f"; on the latency front: {', '.join(r['variant'] for r in on)}" if on else ""))
     per_net = {net: gaps(rows) for net, rows in nets.items()}
+    front = ["| net | on the latency front | top-1 % (mean ± std) | seeds | latency / dense |", "|---|---|---|---|---|"]
+    for net, rows in nets.items():
+        for r in sorted((r for r in rows if r.get("front_latency") and r.get("latency") is not None),
+                        key=lambda r: r["latency"]):
+            front.append(f"| {net} | {r['variant']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {len(r['seeds'])} "
+                         f"| {r['latency']:.2f} |")
     table = ["| configuration | " + " | ".join(f"gap, {n}" for n in nets) + " | mean gap |", "|---|" + "---|" * (len(nets) + 1)]
     for cand in CANDIDATES:
         vals = [per_net[n].get(cand) for n in nets]
         mean = sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
         table.append(f"| {cand} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in vals)
                      + f" | {'n/a' if all(v is None for v in vals) else f'{mean:.2f}'} |")
+    chosen = pick(per_net, nets)
+    verdict = [f"By the rule (smallest mean gap at C = 4, ties within 0.1 to the lower mean latency): **{chosen}**.",
+               ""] if chosen else []
     block = "\n".join(["## Results (generated)", "", *lines, "",
+                       "The latency fronts (ONNX Runtime, batch 1, 2 threads):", "", *front, "",
                        "Gap to the latency front at C = 4 (top-1 points; 0: on the front; n/a: not measured):", "",
-                       *table, ""]) + "\n"
+                       *table, "", *verdict]) + "\n"
     _replace(PAGE, block)
     _replace(README, "\n".join(["See [docs/results/frontier.md](docs/results/frontier.md) for the method and the rule.",
-                                "", *table, ""]) + "\n")
+                                "", *front, "", "Gap of each candidate default to the latency front at C = 4 "
+                                "(top-1 points; 0: on the front):", "", *table, "", *verdict]) + "\n")
     print(f"wrote {PAGE} and the README table", file=sys.stderr)
     return 0
 

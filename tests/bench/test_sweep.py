@@ -118,6 +118,18 @@ def test_an_interrupted_run_is_resumed(tmp_path):
     assert epochs == [1, 2]  # epoch 1 was not trained again
 
 
+def test_a_tp_run_trains_once_its_dense_run_has_finished(tmp_path):
+    out = str(tmp_path / "sweep")
+    lines: list[str] = []
+    result = sweep(DIGITS, ["dense", "tp@2:epochs=1"], seeds=[0], overrides=["epochs=1"], out=out, runtime=None,
+                   log=lines.append)
+    assert not result["meta"]["failures"]
+    done = [line for line in lines if " done in " in line]
+    assert [line.split()[1] for line in done] == ["dense/s0", "tp@2:epochs=1/s0"]  # dense first, tp after it
+    by = {r["variant"]: r for r in result["runs"]}
+    assert by["tp@2:epochs=1"]["macs"] < by["dense"]["macs"]
+
+
 def test_a_run_killed_before_its_first_epoch_starts_over(tmp_path):
     out = str(tmp_path / "sweep")
     (run,) = plan_sweep(DIGITS, ["x@2"], [0], ["epochs=1"], out)
@@ -183,6 +195,17 @@ def test_the_defaults_rule_reads_gaps_off_the_latency_front():
     assert g["dense"] == g["thin"] == g["tiny"] == 0.0
     assert g["x@4"] == pytest.approx(0.5) and g["x@4:mixing=1"] == pytest.approx(1.0) and g["slow"] == pytest.approx(1.0)
     assert "untimed" not in g and tool.gaps([dict(r, latency=None) for r in rows]) == {}
+    # the rule's choice: smallest mean gap; within 0.1 of it the lower mean latency wins
+    a, b, c, d = tool.CANDIDATES
+    nets = {n: [{"variant": v, "latency": lat} for v, lat in ((a, 0.9), (b, 0.5), (c, 0.6), (d, 0.8))]
+            for n in ("n1", "n2")}
+    per_net = {"n1": {a: 0.0, b: 0.4, c: 0.2, d: 0.1}, "n2": {a: 0.2, b: 0.4, c: 0.1, d: 0.0}}
+    # mean gaps a 0.1, b 0.4, c 0.15, d 0.05: a and c are within 0.1 of d; c has the lowest latency
+    assert tool.pick(per_net, nets) == c
+    per_net["n1"][c] = 0.5  # c's mean 0.3 is out of the tie: d (0.05) against a (0.1, slower)
+    assert tool.pick(per_net, nets) == d
+    del per_net["n2"][d]  # a candidate not measured on every net: no choice yet
+    assert tool.pick(per_net, nets) is None
 
 
 def test_tp_and_unstructured_variants_plan_from_the_dense_run(tmp_path):

@@ -81,8 +81,8 @@ def train_runs(runs: list[SweepRun], out: str, jobs: int, threads: int, device: 
     try:
         with Bar(total=len(todo), desc="sweep: training") as bar:
             while running:
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
                     run, code, tail, seconds = fut.result()
                     if code == 0 and run.done:
                         res = result(run)
