@@ -118,7 +118,7 @@ def test_hand_converted_resnet18():
     assert x.macs_before == 128 * 12 * 12 * 128 * 9 and x.macs_after == 128 * 12 * 12 * 32 * 9
     assert x.params_after == 128 * 32 * 9 and x.params_before == 128 * 128 * 9
     assert x.spectral_gap == pytest.approx(spectral_gap(layer.graph))
-    assert x.graph == "random" and x.mixing == pytest.approx(2.0)
+    assert x.graph == layer.graph_name == "paired" and x.mixing == pytest.approx(2.0)  # graph auto at mixing 2
     assert rows["fc"].kind == "linear" and rows["fc"].macs_after == 1000 * 128
     assert rows["layer2.0.downsample.0"].kind == "pointwise"
     assert not rows["conv1"].converted and rows["conv1"].reason is None

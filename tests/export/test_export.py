@@ -19,6 +19,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from xsurgery.export import _ort as xexport  # noqa: E402  (timing knobs of auto)
 from xsurgery.export import export_onnx, read_metadata  # noqa: E402
+from xsurgery.export._forms import paired_perm  # noqa: E402
 from xsurgery.surgery import convert  # noqa: E402
 
 pytestmark = pytest.mark.onnx
@@ -93,8 +94,10 @@ def test_gather_layout_structure_and_outputs(key, xmodels, tmp_path):
     gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[1] in inits]
     gathered = [inits[n.input[1]] for n in gathers if _attr(n, "axis", 0) == 1]
     for name, m in layers.items():
-        if not m._identity:
-            assert any(g.shape == m.index.shape and torch.equal(g, m.index) for g in gathered), name
+        if not m._identity:  # a paired conv gathers its permuted half only: Conv(x) + Conv(Gather(x, perm))
+            perm = paired_perm(m)
+            want = m.index if perm is None else perm
+            assert any(g.shape == want.shape and torch.equal(g, want) for g in gathered), name
     groups = {_attr(n, "group", 1) for n in proto.graph.node if n.op_type == "Conv"}
     assert {m.blocks for m in layers.values()} - {1} <= groups
     assert max(groups) > 1

@@ -76,9 +76,10 @@ def test_every_keeps_the_graph_everywhere_and_auto_only_at_mixing_1():
     for mixing in (1, 2):
         every, _ = convert(resnet_like(), compress=4, mixing=mixing, mix_points="every", check=False,
                            input_size=(32, 8, 8))
-        assert {m.graph.construction for m in _x_layers(every).values()} == {"random"}
+        # graph auto: paired where a layer mixes 2, random at mixing 1
+        assert {m.graph.construction for m in _x_layers(every).values()} == {"random" if mixing == 1 else "paired"}
     default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # auto, mixing 2
-    assert {m.graph.construction for m in _x_layers(default).values()} == {"random"}
+    assert {m.graph.construction for m in _x_layers(default).values()} == {"paired"}
     mixed, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8),
                        plan=[{"pattern": "[1-3].*", "mixing": 1}])  # auto: chain only where mixing is 1
     grouped = {n for n, m in _x_layers(mixed).items() if m.graph.construction == "grouped"}

@@ -22,6 +22,8 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 from .._util.text import safe_text
 from ..errors import UserError
 
@@ -200,7 +202,7 @@ def onnx_report(path: str):
         bias = max(0, weights - cout * (cin if dense else degree) * area)
         row.params_before = cout * cin * area + bias
         row.params_after = cout * degree * area + bias
-        row.spectral_gap = _gap(inits.get(f"{name}.index"), d)
+        row.spectral_gap = _gap(inits.get(f"{name}.index"), d, inits.get(f"{name}.perm"))
         # the file stores a dense layout's weight zero-filled: count what the layer is
         params_after -= row.params_before - row.params_after if dense else 0
         extra += row.params_before - row.params_after
@@ -304,11 +306,24 @@ def _groups(node) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
-def _gap(index, d: dict[str, Any]) -> float | None:
-    """The spectral gap from the file's Gather index ([G*D] or [G, D]), when it has one."""
+def _gap(index, d: dict[str, Any], perm=None) -> float | None:
+    """The spectral gap from the file's Gather index ([G*D] or [G, D]), when it has one; a paired
+    layer's export gathers only the permuted half (``perm``, [C_in]): its rows are then
+    ``[own contiguous chunk g, perm chunk g]``."""
+    from onnx import numpy_helper
+
+    if index is None and perm is not None:
+        try:
+            half = int(d["degree"]) // 2
+            p = numpy_helper.to_array(perm).astype("int64").reshape(-1)
+            if half < 1 or p.size != int(d["blocks"]) * half:
+                return None
+            own = np.arange(p.size, dtype=np.int64).reshape(-1, half)
+            index = numpy_helper.from_array(np.concatenate([own, p.reshape(-1, half)], axis=1))
+        except (KeyError, ValueError, TypeError):
+            return None
     if index is None:
         return None
-    from onnx import numpy_helper
 
     from ..graphs import BipartiteGraph
     from ._report import cached_spectral_gap

@@ -19,8 +19,9 @@ from ._measure import _call, count_macs, machine_info, measure, runtime_runner, 
 
 VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "default")
 # what a user would prune to instead, at the X-model's MACs (opt-in: --variants ... thin tp tp8)
-# x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather))
-# x-chain: k = 2 with mix_points="chain" (the widest layer of each chain grouped);
+# x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather));
+# the default (graph "auto") is paired wherever a layer's sizes allow it, random elsewhere
+# x-chain: k = 2 (random) with mix_points="chain" (the widest layer of each chain grouped);
 # x-k1-every: k = 1 permuting at every layer (the rule before mix points)
 ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain", "x-k1-every") + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
@@ -32,13 +33,13 @@ ALL_BACKENDS = BACKENDS + tuple(b for b in (get_runtime(n).backend for n in list
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "grouped": {"graph": "grouped"},
     "x-k1": {"mixing": 1},
-    "x-k2": {"mixing": 2},
+    "x-k2": {"mixing": 2, "graph": "random"},  # the random expander (the default before graph auto)
     "x-k4": {"mixing": 4},
     "x-exact": {"graph": "exact"},
     "masked": {"mixing": 2, "execution": "masked"},
     "default": {},
     "x-paired": {"graph": "paired"},
-    "x-chain": {"mixing": 2, "mix_points": "chain"},
+    "x-chain": {"mixing": 2, "graph": "random", "mix_points": "chain"},
     "x-k1-every": {"mixing": 1, "mix_points": "every"},
 }
 

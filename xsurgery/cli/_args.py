@@ -144,8 +144,9 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
                               "name or import path, on the same --input / --input-size)")
     g.add_argument("--mixing", type=int, default=2, metavar="K",
                    help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
-    g.add_argument("--graph", default="random",
-                   help="random (default), " + ", ".join(n for n in list_graphs() if n != "random"))
+    g.add_argument("--graph", default="auto",
+                   help="auto (default: paired where a layer mixes 2, else random), "
+                        + ", ".join(n for n in list_graphs() if n != "auto"))
     g.add_argument("--mix-points", default="auto", choices=["auto", "chain", "every"],
                    help="chain: the widest layer of each chain of converted layers (and a layer "
                         "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -222,15 +223,34 @@ def _torch_export(module: nn.Module, example: torch.Tensor | tuple, f: Any, opse
         axes.update({n: {0: "batch"} for n in names})
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        buf = io.BytesIO()
         try:
             torch.onnx.export(
-                module, example, f, input_names=input_names, output_names=names, dynamic_axes=axes,
+                module, example, buf, input_names=input_names, output_names=names, dynamic_axes=axes,
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         except Exception as exc:
             if isinstance(exc, UserError):
                 raise
             raise _export_error(exc, opset, module, example) from exc
+    data = _fold(buf.getvalue())
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as out:
+            out.write(data)
+    else:
+        f.write(data)
+
+
+def _fold(data: bytes) -> bytes:
+    """The exported bytes with paired convs' ``Add -> BatchNormalization`` folded (``_fold``)."""
+    if b"BatchNormalization" not in data:
+        return data
+    import onnx
+
+    from ._fold import fold_add_batchnorm
+
+    proto = onnx.load_from_string(data)
+    return proto.SerializeToString() if fold_add_batchnorm(proto) else data
 
 
 def _to_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes:

@@ -4,7 +4,7 @@ sensitivity depth)."""
 
 from __future__ import annotations
 
-from . import _constructions  # noqa: F401  (registers random, grouped, paired, exact, cayley)
+from . import _constructions  # noqa: F401  (registers auto, random, grouped, paired, exact, cayley)
 from ._constructions import cayley_spectrum
 from ._core import (
     BipartiteGraph,
@@ -17,6 +17,7 @@ from ._core import (
     list_graphs,
     min_covering_degree,
     register_graph,
+    register_graph_chooser,
 )
 from ._spectral import input_coverage, sensitivity_depth, spectral_gap
 
@@ -33,6 +34,7 @@ __all__ = [
     "layer_seed",
     "list_graphs",
     "register_graph",
+    "register_graph_chooser",
     "sensitivity_depth",
     "spectral_gap",
 ]

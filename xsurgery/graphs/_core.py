@@ -15,6 +15,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "list_graphs",
     "min_covering_degree",
     "register_graph",
+    "register_graph_chooser",
 ]
 
 
@@ -114,6 +116,10 @@ class GraphConstruction:
         one_block_per_output: G = C_out (the paper's exact layer).
         power_of_two_blocks: G must be a power of two no larger than C_in (``cayley``).
         seeded: the construction draws from its seed (a seed-free one records ``seed=None``).
+        expander: a seeded mixing graph that ``mix_points="chain"`` may replace by contiguous
+            blocks at a chain's mix point (``random``, ``paired``, ``auto``).
+        pick: a chooser instead of a construction: ``pick(in, out, degree, blocks)`` names the
+            registered construction each layer gets (``auto``); the graph records that name.
     """
 
     name: str
@@ -123,6 +129,8 @@ class GraphConstruction:
     one_block_per_output: bool = False
     power_of_two_blocks: bool = False
     seeded: bool = True
+    expander: bool = False
+    pick: Callable[[int, int, int, int], str] | None = None
 
 
 _GRAPHS: dict[str, GraphConstruction] = {}
@@ -130,7 +138,7 @@ _GRAPHS: dict[str, GraphConstruction] = {}
 
 def register_graph(
     name: str, *, summary: str = "", mixing: int | None = None, one_block_per_output: bool = False,
-    power_of_two_blocks: bool = False, seeded: bool = True,
+    power_of_two_blocks: bool = False, seeded: bool = True, expander: bool = False,
 ) -> Callable[[GraphFn], GraphFn]:
     """Register ``fn(in_features, out_features, degree, blocks, seed) -> index[G, D]`` with the
     constraints it declares (see :class:`GraphConstruction`); a duplicate name raises."""
@@ -139,10 +147,28 @@ def register_graph(
         if name in _GRAPHS:
             raise ValueError(f"graph construction {name!r} is already registered")
         _GRAPHS[name] = GraphConstruction(name, fn, summary or (fn.__doc__ or "").strip().split("\n")[0], mixing,
-                                          one_block_per_output, power_of_two_blocks, seeded)
+                                          one_block_per_output, power_of_two_blocks, seeded, expander)
         return fn
 
     return deco
+
+
+def register_graph_chooser(name: str, *, summary: str = "") -> Callable[[Callable[[int, int, int, int], str]], Any]:
+    """Register ``pick(in_features, out_features, degree, blocks) -> construction name``: a graph
+    name that resolves per layer to a registered construction (``auto``)."""
+
+    def deco(pick: Callable[[int, int, int, int], str]) -> Callable[[int, int, int, int], str]:
+        if name in _GRAPHS:
+            raise ValueError(f"graph construction {name!r} is already registered")
+        _GRAPHS[name] = GraphConstruction(name, _no_fn, summary or (pick.__doc__ or "").strip().split("\n")[0],
+                                          expander=True, pick=pick)
+        return pick
+
+    return deco
+
+
+def _no_fn(in_features: int, out_features: int, degree: int, blocks: int, seed: int) -> torch.Tensor:
+    raise AssertionError("a chooser resolves to a construction before it is built")
 
 
 def list_graphs() -> list[str]:
@@ -290,6 +316,9 @@ def build_graph(
             f"every input must be read: use blocks >= {math.ceil(in_features / degree)} or degree >= "
             f"{math.ceil(in_features / blocks)}"
         )
+    if rule.pick is not None:
+        construction = rule.pick(in_features, out_features, degree, blocks)
+        rule = graph_construction(construction)
     index = rule.fn(in_features, out_features, degree, blocks, seed)
     index = index.to(torch.int64).contiguous()
     assert index.shape == (blocks, degree), (construction, index.shape)

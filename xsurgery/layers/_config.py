@@ -24,7 +24,8 @@ class SparsityConfig:
         degree: inputs per output D, instead of ``compress``.
         mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv,
             2 = expander (default).
-        graph: a registered construction (:func:`xsurgery.graphs.list_graphs`).
+        graph: a registered construction (:func:`xsurgery.graphs.list_graphs`); ``auto`` (the
+            default) is ``paired`` where the layer mixes 2, else ``random``.
         seed: seed of the graph construction (a surgery derives each layer's from it and the
             layer's name).
         blocks: an explicit G for one layer (overrides ``mixing``).
@@ -36,7 +37,7 @@ class SparsityConfig:
     compress: float | None = None
     degree: int | None = None
     mixing: int = 2
-    graph: str = "random"
+    graph: str = "auto"
     seed: int = 0
     blocks: int | None = None
     execution: str = "auto"

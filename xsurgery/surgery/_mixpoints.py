@@ -6,7 +6,7 @@ chain of converted layers (joined by per-channel ops: norms, activations, pools,
 convs) becomes a grouped layer with the same degree (contiguous blocks, G = C_in / D: no
 Gather in its export), and so does a single layer running in parallel with such a chain (same
 input, outputs summed: ResNet's downsample), since the chain mixes that path. The other
-layers keep their graph (mixing k, ``random``). ``"every"`` - the rule before, and of every
+layers keep their graph (mixing k; any expander construction: ``random``, ``paired``, ``auto``). ``"every"`` - the rule before, and of every
 checkpoint saved without the field - keeps the graph at every layer. ``"auto"`` (the default)
 is ``chain`` for the layers with mixing 1 (the fast preset: a permutation is all they mix with)
 and ``every`` for the others: on Fashion-MNIST ``chain`` at mixing 2 cost the small ResNet
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..graphs import build_graph
+from ..graphs import build_graph, graph_construction
 from ._fx import Trace
 
 __all__ = ["place_mix_points"]
@@ -33,7 +33,7 @@ def place_mix_points(decisions: Sequence, trace: Trace, mode: str) -> None:
     """Make the layers whose path mixes elsewhere grouped (decisions changed in place, with a note)."""
     if mode == "every" or not trace.ok:
         return
-    by = {d.name: d for d in decisions if d.converted and d.graph == "random" and d.in_channels % d.degree == 0
+    by = {d.name: d for d in decisions if d.converted and graph_construction(d.graph).expander and d.in_channels % d.degree == 0
           and d.out_channels % (d.in_channels // d.degree) == 0 and (mode == "chain" or d.mixing == 1)}
     nxt = {a: b for a, b in trace.links.items() if a in by and b in by}
     targets = set(nxt.values())

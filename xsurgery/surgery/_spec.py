@@ -145,7 +145,7 @@ class SurgerySpec:
     compress: float | None = None
     degree: int | None = None
     mixing: int = 2
-    graph: str = "random"
+    graph: str = "auto"
     seed: int = 0
     init: str = "kaiming"
     layers: tuple[str, ...] = KINDS
