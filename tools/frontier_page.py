@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,22 @@ def gaps(rows: list[dict]) -> dict[str, float]:
     have = [r for r in rows if r.get("latency") is not None and not math.isnan(r["latency"])]
     front = [(r["latency"], r["top1"]) for r in have if r.get("front_latency")]
     return {r["variant"]: max(0.0, front_top1(front, r["latency"]) - r["top1"]) for r in have} if front else {}
+
+
+def median_latency(timings: list[list[dict]]) -> list[dict]:
+    """The rows of the last timing run with each variant's latency the median over all runs, and
+    the latency front marked anew on those medians (as the sweep marks it)."""
+    rows = [dict(r) for r in timings[-1]]
+    for r in rows:
+        vals = [v for v in (next((x.get("latency") for x in run if x["variant"] == r["variant"]), None)
+                            for run in timings) if v is not None and not math.isnan(v)]
+        r["latency"] = statistics.median(vals) if vals else None
+    timed = [r for r in rows if r["latency"] is not None and not r.get("accuracy_only")]
+    for r in rows:
+        r["front_latency"] = r in timed and not any(
+            o is not r and o["latency"] <= r["latency"] and o["top1"] >= r["top1"]
+            and (o["latency"] < r["latency"] or o["top1"] > r["top1"]) for o in timed)
+    return rows
 
 
 def pick(per_net: dict[str, dict[str, float]], nets: dict[str, list[dict]]) -> str | None:
@@ -74,8 +91,12 @@ def _replace(path: str, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="append", default=[], metavar="NET=FOLDER", help="a finished sweep folder")
+    ap.add_argument("--timing", action="append", default=[], metavar="FOLDER",
+                    help="an earlier timing run of the same sweeps: <net>.json copies of their summary.json; "
+                         "the rule then reads each variant's median latency over these and the sweeps' own")
     args = ap.parse_args(argv)
     nets: dict[str, list[dict]] = {}
+    runs: list[dict[str, list[dict]]] = []
     for item in args.sweep:
         net, _, folder = item.partition("=")
         summary = json.load(open(os.path.join(folder, "summary.json"), encoding="utf-8"))
@@ -87,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy2(os.path.join(folder, name), os.path.join(dest, name))
         for name in os.listdir(os.path.join(folder, "results")):
             shutil.copy2(os.path.join(folder, "results", name), os.path.join(dest, "results", name))
+    for i, folder in enumerate(args.timing, 1):
+        runs.append({net: json.load(open(os.path.join(folder, f"{net}.json"), encoding="utf-8"))["variants"]
+                     for net in nets})
+        for net in nets:  # kept next to the page: the rule's inputs
+            shutil.copy2(os.path.join(folder, f"{net}.json"),
+                         os.path.join(ROOT, "docs", "results", "frontier", net, f"timing-{i}.json"))
+    runs.append(nets)
+    if len(runs) > 1:
+        nets = {net: median_latency([run[net] for run in runs]) for net in nets}
     lines = []
     for net, rows in nets.items():
         on = [r for r in rows if r.get("front_latency") and r.get("latency") is not None]
@@ -108,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         table.append(f"| {cand} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in vals)
                      + f" | {'n/a' if all(v is None for v in vals) else f'{mean:.2f}'} |")
     chosen = pick(per_net, nets)
-    verdict = [f"By the rule (smallest mean gap at C = 4, ties within 0.1 to the lower mean latency): **{chosen}**.",
-               ""] if chosen else []
+    verdict = [f"By the rule (smallest mean gap at C = 4, ties within 0.1 to the lower mean latency): **{chosen}**"
+               + (f" (latency: the median of {len(runs)} timing runs; each run alone picks "
+                  + ", ".join(str(pick({n: gaps(r) for n, r in run.items()}, run)) for run in runs) + ")"
+                  if len(runs) > 1 else "") + ".", ""] if chosen else []
     block = "\n".join(["## Results (generated)", "", *lines, "",
-                       "The latency fronts (ONNX Runtime, batch 1, 2 threads):", "", *front, "",
+                       "The latency fronts (ONNX Runtime, batch 1, 2 threads"
+                       + (f"; latency: the median of {len(runs)} timing runs" if len(runs) > 1 else "") + "):", "", *front, "",
                        "Gap to the latency front at C = 4 (top-1 points; 0: on the front; n/a: not measured):", "",
                        *table, "", *verdict]) + "\n"
     _replace(PAGE, block)

@@ -206,6 +206,17 @@ def test_the_defaults_rule_reads_gaps_off_the_latency_front():
     assert tool.pick(per_net, nets) == d
     del per_net["n2"][d]  # a candidate not measured on every net: no choice yet
     assert tool.pick(per_net, nets) is None
+    # several timing runs: the median latency per variant, the front marked anew on it
+    def run(lat: float) -> list[dict]:
+        return [{"variant": "dense", "latency": 1.0, "top1": 92.0}, {"variant": "x", "latency": lat, "top1": 91.0},
+                {"variant": "thin", "latency": 0.6, "top1": 91.0},
+                {"variant": "u", "latency": None, "top1": 99.0, "accuracy_only": True}]
+
+    med = {r["variant"]: r for r in tool.median_latency([run(0.5), run(0.7), run(0.55)])}
+    assert med["x"]["latency"] == pytest.approx(0.55) and med["x"]["front_latency"]  # 0.55 < thin's 0.6
+    assert not med["thin"]["front_latency"] and med["dense"]["front_latency"] and not med["u"]["front_latency"]
+    med = {r["variant"]: r for r in tool.median_latency([run(0.5), run(0.7), run(0.65)])}
+    assert med["x"]["latency"] == pytest.approx(0.65) and not med["x"]["front_latency"] and med["thin"]["front_latency"]
 
 
 def test_tp_and_unstructured_variants_plan_from_the_dense_run(tmp_path):
