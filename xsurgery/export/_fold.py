@@ -60,33 +60,30 @@ def fold_add_batchnorm(proto: Any) -> int:
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
+        if any(inits[c.input[1]].dims[0] != scale.shape[0] for c in convs):
+            continue
         for k, conv in enumerate(convs):
             w = numpy_helper.to_array(inits[conv.input[1]])
-            if w.shape[0] != scale.shape[0]:
-                break
-        else:
-            for k, conv in enumerate(convs):
-                w = numpy_helper.to_array(inits[conv.input[1]])
-                shape = (-1,) + (1,) * (w.ndim - 1)
-                inits[conv.input[1]].CopyFrom(numpy_helper.from_array(
-                    (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype), conv.input[1]))
-                has_bias = len(conv.input) > 2 and bool(conv.input[2])
-                b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else 0.0
-                b = b * scale + ((beta - mean * scale) if k == 0 else 0.0)
-                if k == 1 and not has_bias:
-                    continue
-                b = np.broadcast_to(b, scale.shape).astype(w.dtype)
-                if has_bias:
-                    inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b, conv.input[2]))
-                else:
-                    name = f"{bn.output[0]}.folded_bias"
-                    graph.initializer.append(numpy_helper.from_array(b, name))
-                    while len(conv.input) < 3:
-                        conv.input.append("")
-                    conv.input[2] = name
-            add.output[0] = bn.output[0]
-            drop.append(bn)
-            folded += 1
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            inits[conv.input[1]].CopyFrom(numpy_helper.from_array(
+                (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype), conv.input[1]))
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else 0.0
+            b = b * scale + ((beta - mean * scale) if k == 0 else 0.0)
+            if k == 1 and not has_bias:
+                continue
+            b = np.broadcast_to(b, scale.shape).astype(w.dtype)
+            if has_bias:
+                inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b, conv.input[2]))
+            else:
+                name = f"{bn.output[0]}.folded_bias"
+                graph.initializer.append(numpy_helper.from_array(b, name))
+                while len(conv.input) < 3:
+                    conv.input.append("")
+                conv.input[2] = name
+        add.output[0] = bn.output[0]
+        drop.append(bn)
+        folded += 1
     for bn in drop:
         graph.node.remove(bn)
     used = {i for n in graph.node for i in n.input}

@@ -15,8 +15,8 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
