@@ -3,8 +3,7 @@
 Models: a 4-layer 512-wide MLP (batch 128, C = 32), ResNet-50 (batch 16, 128 px, C = 4) and
 Hugging Face BERT-base (batch 8, sequence 128, C = 4; built from its config, no download).
 Variants: ``dense``; ``grouped`` (``graph="grouped"``, contiguous blocks, no gather);
-``default`` (``convert(model, compress=C)``, nothing else); ``fast`` (the fast preset,
-``mixing=1``); optional ``x-gather`` / ``x-masked`` (the default graph with that execution
+``default`` (``convert(model, compress=C)``, nothing else); ``fast`` (``mixing=1``, the default since the frontier); ``k2`` (``mixing=2``); optional ``x-gather`` / ``x-masked`` (the default graph with that execution
 forced, the two ``execution="auto"`` chooses between). One step: ``zero_grad(set_to_none)``, forward in train mode, loss (cross
 entropy on random labels; BERT: the mean of the last hidden state), backward, ``SGD(lr=1e-3,
 momentum=0.9).step()``.
@@ -33,6 +32,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 VARIANTS = {"dense": None, "grouped": {"graph": "grouped", "mixing": 1}, "default": {}, "fast": {"mixing": 1},
+            "k2": {"mixing": 2},
             # the default graph forced to one execution (what execution="auto"'s rule chooses between)
             "x-gather": {"execution": "gather"}, "x-masked": {"execution": "masked"}}
 DEFAULT_VARIANTS = ["dense", "grouped", "default", "fast"]

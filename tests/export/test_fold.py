@@ -36,8 +36,8 @@ def _bn(n: int, seed: int) -> nn.BatchNorm2d:
 
 def test_paired_conv_exports_with_its_batchnorm_folded(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(XConv2d(16, 32, 3, padding=1, compress=4, bias=False), _bn(32, 1), nn.ReLU(),
-                          XConv2d(32, 32, 1, compress=4, bias=True), _bn(32, 2)).eval()
+    model = nn.Sequential(XConv2d(16, 32, 3, padding=1, compress=4, mixing=2, bias=False), _bn(32, 1), nn.ReLU(),
+                          XConv2d(32, 32, 1, compress=4, mixing=2, bias=True), _bn(32, 2)).eval()
     assert {m.graph_name for m in model.modules() if isinstance(m, XConv2d)} == {"paired"}
     path = tmp_path / "m.onnx"
     res = export_onnx(model, str(path), input_size=(16, 8, 8), layout="gather", verbose=False, threads=1)

@@ -46,7 +46,7 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 
 def _cnn():
     torch.manual_seed(0)
-    model, _ = xsurgery.convert(digits_cnn(width=8), compress=2, example_inputs=torch.randn(1, 1, 16, 16))
+    model, _ = xsurgery.convert(digits_cnn(width=8), compress=2, mixing=2, example_inputs=torch.randn(1, 1, 16, 16))
     return _randomize_bn(model), torch.randn(1, 1, 16, 16)
 
 

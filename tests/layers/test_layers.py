@@ -179,7 +179,8 @@ def test_identity_index_skips_gather_and_updates_on_load():
 def test_extra_repr():
     s = repr(XConv2d(256, 256, 3, padding=1, compress=4, mixing=2, seed=0))
     assert "256, 256, kernel_size=(3, 3)" in s and "degree=64, blocks=8, graph=paired" in s  # the default graph auto
-    assert "degree=16, blocks=8" in repr(XLinear(64, 64, compress=4))
+    assert "degree=16, blocks=8" in repr(XLinear(64, 64, compress=4, mixing=2))
+    assert "degree=16, blocks=4, graph=random" in repr(XLinear(64, 64, compress=4))  # the default: mixing 1
 
 
 def test_prebuilt_graph_and_devices_dtypes():

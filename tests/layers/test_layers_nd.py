@@ -106,7 +106,7 @@ def test_xconv2d_public_api_unchanged():
     layer = XConv2d(8, 8, 3, padding=1, compress=2, seed=0)
     assert sorted(layer.state_dict()) == ["bias", "index", "weight"]
     assert layer.kernel_size == (3, 3) and layer.padding == (1, 1)
-    assert repr(layer) == "XConv2d(8, 8, kernel_size=(3, 3), padding=(1, 1), degree=4, blocks=4, graph=paired)"
+    assert repr(layer) == "XConv2d(8, 8, kernel_size=(3, 3), padding=(1, 1), degree=4, blocks=2, graph=random)"
 
 
 class Conv1D(nn.Module):

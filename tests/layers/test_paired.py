@@ -102,7 +102,7 @@ def test_paired_model_exports_as_conv_plus_gathered_conv_and_agrees_in_ort(tmp_p
     model = nn.Sequential(
         XConv2d(16, 32, 1, compress=2, graph="paired", seed=1), nn.BatchNorm2d(32), nn.ReLU(),
         XConv2d(32, 32, 3, padding=1, compress=4, graph="paired", seed=2, padding_mode="circular"), nn.ReLU(),
-        XConv2d(32, 16, 1, compress=4, graph="random", seed=3),
+        XConv2d(32, 16, 1, compress=4, mixing=2, graph="random", seed=3),
     ).eval()
     res = export_onnx(model, tmp_path / "p.onnx", input_size=(16, 8, 8), layout="gather", verbose=False, threads=1)
     assert res.max_rel_err < 1e-4

@@ -78,17 +78,19 @@ def test_every_keeps_the_graph_everywhere_and_auto_only_at_mixing_1():
                            input_size=(32, 8, 8))
         # graph auto: paired where a layer mixes 2, random at mixing 1
         assert {m.graph.construction for m in _x_layers(every).values()} == {"random" if mixing == 1 else "paired"}
-    default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # auto, mixing 2
-    assert {m.graph.construction for m in _x_layers(default).values()} == {"paired"}
-    mixed, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8),
+    k2, _ = convert(resnet_like(), compress=4, mixing=2, check=False, input_size=(32, 8, 8))  # auto, mixing 2
+    assert {m.graph.construction for m in _x_layers(k2).values()} == {"paired"}
+    default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # mixing 1: chain
+    assert {m.graph.construction for m in _x_layers(default).values()} == {"grouped", "random"}
+    mixed, _ = convert(resnet_like(), compress=4, mixing=2, check=False, input_size=(32, 8, 8),
                        plan=[{"pattern": "[1-3].*", "mixing": 1}])  # auto: chain only where mixing is 1
     grouped = {n for n, m in _x_layers(mixed).items() if m.graph.construction == "grouped"}
     assert grouped == {"1.conv1", "1.downsample.0", "2.conv1", "3.conv1"}
 
 
 def test_chain_with_mixing_2_makes_the_same_layers_grouped_and_keeps_the_rest():
-    k2, _ = convert(resnet_like(), compress=4, mix_points="chain", check=False, input_size=(32, 8, 8))
-    every, _ = convert(resnet_like(), compress=4, mix_points="every", check=False, input_size=(32, 8, 8))
+    k2, _ = convert(resnet_like(), compress=4, mixing=2, mix_points="chain", check=False, input_size=(32, 8, 8))
+    every, _ = convert(resnet_like(), compress=4, mixing=2, mix_points="every", check=False, input_size=(32, 8, 8))
     grouped = {n for n, m in _x_layers(k2).items() if m.graph.construction == "grouped"}
     assert grouped == {"1.conv1", "1.downsample.0", "2.conv1", "3.conv1", "4.conv1", "5.conv1"}
     for (n, a), (_, b) in zip(_x_layers(k2).items(), _x_layers(every).items()):

@@ -142,8 +142,9 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
         how.add_argument("--match-macs", default=None, metavar="MODEL",
                          help="choose the compression whose converted model runs the MACs of MODEL (a model "
                               "name or import path, on the same --input / --input-size)")
-    g.add_argument("--mixing", type=int, default=2, metavar="K",
-                   help="blocks reading each input: 1 = shuffle + grouped conv (fast), 2 = expander (default)")
+    g.add_argument("--mixing", type=int, default=1, metavar="K",
+                   help="blocks reading each input: 1 (default) = shuffle + grouped conv, mixing across layers "
+                        "(chain mix points); 2 = every layer an expander")
     g.add_argument("--graph", default="auto",
                    help="auto (default: paired where a layer mixes 2, else random), "
                         + ", ".join(n for n in list_graphs() if n != "auto"))

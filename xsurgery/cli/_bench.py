@@ -39,7 +39,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS,
                    help=f"default: the X variants ({', '.join(VARIANTS)}); add thin / tp / tp8 for dense models at "
                         f"the same MACs (uniformly thinned; Torch-Pruning, tp8 with round_to=8); with --quantize: "
-                        f"{', '.join(INT8_VARIANTS)} (x-k1: the fast preset)")
+                        f"{', '.join(INT8_VARIANTS)} (x-k2: mixing 2)")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="time int8 files (each variant exported with --quantize int8, random calibration) in the "
                         "runtimes; ratios to int8 dense")

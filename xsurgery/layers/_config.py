@@ -36,7 +36,7 @@ class SparsityConfig:
 
     compress: float | None = None
     degree: int | None = None
-    mixing: int = 2
+    mixing: int = 1
     graph: str = "auto"
     seed: int = 0
     blocks: int | None = None

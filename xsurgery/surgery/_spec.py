@@ -144,7 +144,7 @@ class SurgerySpec:
 
     compress: float | None = None
     degree: int | None = None
-    mixing: int = 2
+    mixing: int = 1
     graph: str = "auto"
     seed: int = 0
     init: str = "kaiming"
