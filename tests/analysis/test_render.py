@@ -295,3 +295,15 @@ def test_export_json_file_like_every_command(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main([*argv, "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == str(out)
+
+
+def test_a_note_explains_gap_0_at_mixing_1():
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1))  # stem, 2 convs, head
+    texts = {}
+    for mixing in (1, 2):
+        _, rep = convert(net, compress=4, mixing=mixing, input_size=(16, 8, 8), check=False)
+        assert all((r.spectral_gap == 0) == (mixing == 1) for r in rep.layers if r.converted)
+        texts[mixing] = " ".join(_render(rep, 80).split())  # the note wraps: compare on single spaces
+    assert "gap 0 at mixing 1: a layer alone does not mix its blocks" in texts[1]
+    assert "gap 0 at mixing 1" not in texts[2]

@@ -162,6 +162,9 @@ def _report_grid(rep: Report, groups: list[tuple[str, list[LayerRow]]], flags: s
                 notes.append(f"spectral gap: {min(gaps):.3f} to {max(gaps):.3f} over the converted layers")
         else:
             add("gap", lambda _, m: _gap(m), True)
+        if any(r.mixing is not None and r.mixing < 2 for _, ms in groups for r in ms if r.degree is not None):
+            notes.append("gap 0 at mixing 1: a layer alone does not mix its blocks; consecutive layers do "
+                         "(--mixing 2: an expander at every layer)")
     mark = "mark_exec" in flags and known
     if execs and not mark:
         if len(execs) == 1 and to_notes:
