@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE, README = os.path.join(ROOT, "docs", "results", "frontier.md"), os.path.join(ROOT, "README.md")
 BEGIN, END = "<!-- frontier:begin (tools/frontier_page.py) -->", "<!-- frontier:end -->"
 CANDIDATES = ("x@4", "x@4:mixing=1", "x@4:mix_points=chain", "x@4:graph=paired")
+LEGEND = ("`x@4` is mixing 2 with the `random` graph (the recipes set mixing 2; the default until this page); "
+          "`x@4:mixing=1` is mixing 1 with chain mix points (`auto` at mixing 1).")
 
 
 def front_top1(front: list[tuple[float, float]], cost: float) -> float:
@@ -146,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                        "The latency fronts (ONNX Runtime, batch 1, 2 threads"
                        + (f"; latency: the median of {len(runs)} timing runs" if len(runs) > 1 else "") + "):", "", *front, "",
                        "Gap to the latency front at C = 4 (top-1 points; 0: on the front; n/a: not measured):", "",
-                       *table, "", *verdict]) + "\n"
+                       *table, "", LEGEND, "", *verdict]) + "\n"
     _replace(PAGE, block)
     _replace(README, "\n".join(["See [docs/results/frontier.md](docs/results/frontier.md) for the method and the rule.",
                                 "", *front, "", "Gap of each candidate default to the latency front at C = 4 "
-                                "(top-1 points; 0: on the front):", "", *table, "", *verdict]) + "\n")
+                                "(top-1 points; 0: on the front):", "", *table, "", LEGEND, "", *verdict]) + "\n")
     print(f"wrote {PAGE} and the README table", file=sys.stderr)
     return 0
 
