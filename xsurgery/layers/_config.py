@@ -22,8 +22,9 @@ class SparsityConfig:
         compress: target compression C >= 1 (D = C_in // C, at least 1); or give ``degree``.
             Neither: a layer keeps every input (C = 1); a surgery uses C = 2.
         degree: inputs per output D, instead of ``compress``.
-        mixing: k, blocks reading each input (G = k * C_in / D); 1 = shuffle + grouped conv,
-            2 = expander (default).
+        mixing: k, blocks reading each input (G = k * C_in / D); 1 (default) = shuffle + grouped
+            conv, mixing across consecutive layers (chosen by docs/results/frontier.md);
+            2 = every layer an expander.
         graph: a registered construction (:func:`xsurgery.graphs.list_graphs`); ``auto`` (the
             default) is ``paired`` where the layer mixes 2, else ``random``.
         seed: seed of the graph construction (a surgery derives each layer's from it and the
