@@ -204,7 +204,7 @@ def convert(
         model: an ``nn.Module`` (not modified) or a model source (see
             :func:`xsurgery.models.sources.create_model`).
         config: a :class:`~xsurgery.layers.SparsityConfig`: compress (default 2) or degree,
-            mixing, graph, seed, execution, mix points. ``mix_points="chain"``: the widest layer of
+            mixing (default 1), graph (default auto), seed, execution, mix points. ``mix_points="chain"``: the widest layer of
             each chain of converted layers (and a layer parallel to a chain) is grouped, the
             chain's other layers mix; ``every``: the graph at every layer; ``auto`` (default):
             ``chain`` for mixing-1 layers, ``every`` for the others.
