@@ -175,3 +175,37 @@ def test_apply_surgery_then_save_any_spec(tmp_path):
     x = torch.randn(2, 4, 50)
     with torch.no_grad():
         assert torch.equal(out(x), loaded(x))
+
+
+class _NeedsVersion(nn.Module):
+    """As torchvision's MNASNet: refuses a state dict whose metadata has no module version."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):  # noqa: ANN001
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_module_that_checks_its_version_loads_from_the_file(tmp_path):
+    converted, _ = xsurgery.convert(_NeedsVersion(), compress=4, input_size=(8, 6, 6))
+    path = str(tmp_path / "v.xs")
+    xsurgery.save(converted, path)
+    loaded = xsurgery.load(path, model=_NeedsVersion()).eval()  # safetensors carry no versions: the code's are used
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
+    dense = str(tmp_path / "dense.xs")
+    xsurgery.save(_NeedsVersion(), dense)
+    from xsurgery.models import load_weights
+
+    load_weights(_NeedsVersion(), dense)  # --weights FILE into the same kind of module

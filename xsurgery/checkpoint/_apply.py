@@ -16,6 +16,7 @@ from torch import nn
 from .._util.text import safe_text
 from ..errors import UserError
 from ..layers import X_LAYERS
+from ..models import versioned
 from . import _manifest
 
 __all__ = ["assemble"]
@@ -53,7 +54,7 @@ def assemble(path: str, manifest: dict[str, Any], tensors: dict[str, torch.Tenso
         built = copy.deepcopy(dense)
     tensors = {k: v.to(map_location) for k, v in tensors.items()}
     try:
-        built.load_state_dict(tensors, strict=True)
+        built.load_state_dict(versioned(built, tensors), strict=True)
     except RuntimeError as exc:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2]
         raise UserError(f"{path}: weights do not match the model its manifest describes ({' '.join(first)[:160]})") from exc

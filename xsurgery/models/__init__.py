@@ -28,7 +28,7 @@ from .inputs import (
     shapes_text,
 )
 from .sources import LIBRARY_PREFIXES, create_model, is_library_name, timm_is_model, torchvision_names, zoo_models
-from .weights import load_weights, read_state_dict
+from .weights import load_weights, read_state_dict, versioned
 
 __all__ = [
     "ATTENTION",
@@ -52,6 +52,7 @@ __all__ = [
     "is_library_name",
     "known_image_size",
     "load_weights",
+    "versioned",
     "normalize",
     "parse_input_spec",
     "per_sample_size",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -149,5 +150,19 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
         raise UserError(f"weights {safe_text(path)} do not match the model: {'; '.join(problems)}; give the weights "
                         f"of this architecture (check the model's kwargs)")
     with torch.no_grad():
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(versioned(model, tensors), strict=True)
     return model
+
+
+def versioned(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """``tensors`` carrying ``model``'s own state-dict metadata (each module's ``_version``).
+
+    A safetensors file has none, and some modules refuse a state dict without it (torchvision's
+    MNASNet raises on version ``None``). The versions come from the code's model, never from
+    the file.
+    """
+    out = OrderedDict(tensors)
+    meta = getattr(model.state_dict(keep_vars=True), "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
