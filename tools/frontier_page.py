@@ -21,6 +21,10 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from xsurgery.bench import pareto_front  # noqa: E402  (the sweep's own front marking)
+
 PAGE, README = os.path.join(ROOT, "docs", "results", "frontier.md"), os.path.join(ROOT, "README.md")
 BEGIN, END = "<!-- frontier:begin (tools/frontier_page.py) -->", "<!-- frontier:end -->"
 CANDIDATES = ("x@4", "x@4:mixing=1", "x@4:mix_points=chain", "x@4:graph=paired")
@@ -55,11 +59,10 @@ def median_latency(timings: list[list[dict]]) -> list[dict]:
         vals = [v for v in (next((x.get("latency") for x in run if x["variant"] == r["variant"]), None)
                             for run in timings) if v is not None and not math.isnan(v)]
         r["latency"] = statistics.median(vals) if vals else None
-    timed = [r for r in rows if r["latency"] is not None and not r.get("accuracy_only")]
-    for r in rows:
-        r["front_latency"] = r in timed and not any(
-            o is not r and o["latency"] <= r["latency"] and o["top1"] >= r["top1"]
-            and (o["latency"] < r["latency"] or o["top1"] > r["top1"]) for o in timed)
+    marks = pareto_front([(math.nan if r["latency"] is None or r.get("accuracy_only") else r["latency"], r["top1"])
+                          for r in rows])
+    for r, on in zip(rows, marks):
+        r["front_latency"] = on
     return rows
 
 

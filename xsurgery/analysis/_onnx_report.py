@@ -310,20 +310,9 @@ def _gap(index, d: dict[str, Any], perm=None) -> float | None:
     """The spectral gap from the file's Gather index ([G*D] or [G, D]), when it has one; a paired
     layer's export gathers only the permuted half (``perm``, [C_in]): its rows are then
     ``[own contiguous chunk g, perm chunk g]``."""
-    from onnx import numpy_helper
-
-    if index is None and perm is not None:
-        try:
-            half = int(d["degree"]) // 2
-            p = numpy_helper.to_array(perm).astype("int64").reshape(-1)
-            if half < 1 or p.size != int(d["blocks"]) * half:
-                return None
-            own = np.arange(p.size, dtype=np.int64).reshape(-1, half)
-            index = numpy_helper.from_array(np.concatenate([own, p.reshape(-1, half)], axis=1))
-        except (KeyError, ValueError, TypeError):
-            return None
-    if index is None:
+    if index is None and perm is None:
         return None
+    from onnx import numpy_helper
 
     from ..graphs import BipartiteGraph
     from ._report import cached_spectral_gap
@@ -332,9 +321,14 @@ def _gap(index, d: dict[str, Any], perm=None) -> float | None:
         import torch
 
         blocks, degree = int(d["blocks"]), int(d["degree"])
-        if blocks < 1 or degree < 1 or math.prod(index.dims) != blocks * degree:
+        if index is not None:
+            flat = numpy_helper.to_array(index).astype("int64").reshape(-1)
+        else:  # [own chunk g, perm chunk g] per block
+            p = numpy_helper.to_array(perm).astype("int64").reshape(-1, max(1, degree // 2))
+            flat = np.concatenate([np.arange(p.size, dtype=np.int64).reshape(p.shape), p], axis=1).reshape(-1)
+        if blocks < 1 or degree < 1 or flat.size != blocks * degree:
             return None
-        idx = torch.as_tensor(numpy_helper.to_array(index).astype("int64")).reshape(blocks, degree)
+        idx = torch.as_tensor(flat).reshape(blocks, degree)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= int(d["in"])):
             return None  # out-of-range or negative indices: no graph to measure
         rows = idx.sort(dim=1).values
