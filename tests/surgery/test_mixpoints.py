@@ -1,5 +1,6 @@
 """mix_points: "chain" makes the widest layer of each chain of converted layers (and a layer
-parallel to a chain) grouped; "auto" (default) does so at mixing 1 only. Reach through the real
+parallel to a chain) grouped, "alternate" every other layer from the widest; "auto" (default) is
+"alternate" at mixing 1 only ("chain" for specs saved at version 1). Reach through the real
 network is checked by autograd, independently of the masks."""
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _full_reach_depth(model: nn.Module, blocks: int, c_in: int) -> int | None:
 
 
 def test_chain_drops_the_widest_permutation_of_each_chain_and_parallel_downsample():
-    model, _ = convert(resnet_like(), compress=4, mixing=1, check=False, input_size=(32, 8, 8))
+    model, _ = convert(resnet_like(), compress=4, mixing=1, mix_points="chain", check=False, input_size=(32, 8, 8))
     layers = _x_layers(model)
     no_perm = {n for n, m in layers.items() if m._identity}
     # block 1: conv1 reads 32, conv2 16, conv3 16 -> conv1 (widest) and the downsample (parallel)
@@ -72,6 +73,20 @@ def test_chain_drops_the_widest_permutation_of_each_chain_and_parallel_downsampl
         assert layers[f"{i}.conv1"].graph.construction == "grouped"
 
 
+def test_alternate_keeps_every_other_permutation_of_each_chain_from_the_widest():
+    model, report = convert(resnet_like(), compress=4, mixing=1, check=False, input_size=(32, 8, 8))  # auto
+    layers = _x_layers(model)
+    # conv1 reads 32 or 64 (the widest: grouped), conv2 16 (permuted), conv3 16 (grouped again)
+    assert {n for n, m in layers.items() if not m._identity} == {f"{i}.conv2" for i in range(1, 6)}
+    assert {n for n, m in layers.items() if m.graph.construction == "grouped"} == (
+        {f"{i}.conv{j}" for i in range(1, 6) for j in (1, 3)} | {"1.downsample.0"})
+    note = next(r.note for r in report.layers if r.name == "2.conv3")
+    assert "'alternate': 2.conv2 mixes this path" in note
+    alternate, _ = convert(resnet_like(), compress=4, mixing=1, mix_points="alternate", check=False,
+                           input_size=(32, 8, 8))
+    assert all(torch.equal(a.index, b.index) for a, b in zip(layers.values(), _x_layers(alternate).values()))
+
+
 def test_every_keeps_the_graph_everywhere_and_auto_only_at_mixing_1():
     for mixing in (1, 2):
         every, _ = convert(resnet_like(), compress=4, mixing=mixing, mix_points="every", check=False,
@@ -80,12 +95,12 @@ def test_every_keeps_the_graph_everywhere_and_auto_only_at_mixing_1():
         assert {m.graph.construction for m in _x_layers(every).values()} == {"random" if mixing == 1 else "paired"}
     k2, _ = convert(resnet_like(), compress=4, mixing=2, check=False, input_size=(32, 8, 8))  # auto, mixing 2
     assert {m.graph.construction for m in _x_layers(k2).values()} == {"paired"}
-    default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # mixing 1: chain
+    default, _ = convert(resnet_like(), compress=4, check=False, input_size=(32, 8, 8))  # mixing 1: alternate
     assert {m.graph.construction for m in _x_layers(default).values()} == {"grouped", "random"}
     mixed, _ = convert(resnet_like(), compress=4, mixing=2, check=False, input_size=(32, 8, 8),
-                       plan=[{"pattern": "[1-3].*", "mixing": 1}])  # auto: chain only where mixing is 1
+                       plan=[{"pattern": "[1-3].*", "mixing": 1}])  # auto: alternate only where mixing is 1
     grouped = {n for n, m in _x_layers(mixed).items() if m.graph.construction == "grouped"}
-    assert grouped == {"1.conv1", "1.downsample.0", "2.conv1", "3.conv1"}
+    assert grouped == {"1.conv1", "1.conv3", "1.downsample.0", "2.conv1", "2.conv3", "3.conv1", "3.conv3"}
 
 
 def test_chain_with_mixing_2_makes_the_same_layers_grouped_and_keeps_the_rest():
@@ -102,32 +117,38 @@ def test_chain_with_mixing_2_makes_the_same_layers_grouped_and_keeps_the_rest():
 
 
 @pytest.mark.parametrize("mixing,compress", [(1, 4), (1, 8), (2, 4), (2, 8)])
-def test_reach_through_the_network_is_at_most_one_block_slower(mixing, compress):
+def test_reach_through_the_network_is_at_most_one_block_slower_per_mode(mixing, compress):
     depths = {}
-    for mode in ("chain", "every"):
+    for mode in ("chain", "alternate", "every"):
         model, _ = convert(resnet_like(), compress=compress, mixing=mixing, mix_points=mode, check=False,
                            input_size=(32, 8, 8))
         assert mode == "every" or any(m._identity for m in _x_layers(model).values())
         depths[mode] = _full_reach_depth(model, 5, 32)
     grouped, _ = convert(resnet_like(), compress=compress, graph="grouped", check=False, input_size=(32, 8, 8))
     assert _full_reach_depth(grouped, 5, 32) is None  # the baseline never mixes: the check can fail
+    # each mode reaches at most one block later than the one with more permutations (D = 2 at C = 8:
+    # a permutation reaches twice as far per block, so here every one counts)
     assert depths["chain"] is not None and depths["chain"] <= depths["every"] + 1, depths
+    assert depths["alternate"] is not None and depths["alternate"] <= depths["chain"] + 1, depths
 
 
-def test_plain_chain_keeps_all_but_one_permutation():
+def test_plain_chain_chain_keeps_all_but_one_permutation_and_alternate_every_other():
     seq = nn.Sequential(*[m for _ in range(5) for m in (nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU())]).eval()
-    model, _ = convert(seq, compress=4, mixing=1, check=False, input_size=(32, 4, 4))
-    flags = [m._identity for m in _x_layers(model).values()]  # first and last: stem, classifier (dense)
-    assert flags == [True, False, False]
+    flags = {}
+    for mode in ("chain", "alternate"):
+        model, _ = convert(seq, compress=4, mixing=1, mix_points=mode, check=False, input_size=(32, 4, 4))
+        flags[mode] = [m._identity for m in _x_layers(model).values()]  # first and last: stem, classifier (dense)
+    assert flags == {"chain": [True, False, False], "alternate": [True, False, True]}
 
 
-def test_export_has_a_gather_only_where_the_model_permutes():
-    model, _ = convert(resnet_like(), compress=4, mixing=1, check=False, input_size=(32, 8, 8))
-    permuted = sum(not m._identity for m in _x_layers(model).values())
-    path = pytest.importorskip("tempfile").mkdtemp() + "/m.onnx"
+@pytest.mark.parametrize("mode,permuted", [("chain", 10), ("alternate", 5)])  # 16 converted, 6 or 11 without a permutation
+def test_export_has_a_gather_only_where_the_model_permutes(tmp_path, mode, permuted):
+    model, _ = convert(resnet_like(), compress=4, mixing=1, mix_points=mode, check=False, input_size=(32, 8, 8))
+    assert sum(not m._identity for m in _x_layers(model).values()) == permuted
+    path = str(tmp_path / "m.onnx")
     export_onnx(model, path, example_inputs=torch.randn(1, 32, 8, 8), layout="gather", verbose=False, force=True)
     gathers = [n for n in onnx.load(path).graph.node if n.op_type == "Gather"]
-    assert permuted == 10 and len(gathers) == permuted  # 16 converted, 6 without a permutation
+    assert len(gathers) == permuted
 
 
 def test_checkpoints_round_trip_and_older_specs_mean_every(tmp_path):
@@ -143,6 +164,16 @@ def test_checkpoints_round_trip_and_older_specs_mean_every(tmp_path):
     old = load(str(tmp_path / "old.xs"), model=resnet_like())
     assert not any(m._identity for m in _x_layers(old).values())
     assert SurgerySpec.from_dict({"mixing": 1}).mix_points == "auto"  # recipes: today's default
+    # a checkpoint written at spec version 1, when auto meant chain at mixing 1, keeps that structure
+    chain, _ = convert(resnet_like(), compress=4, mixing=1, mix_points="chain", check=False, input_size=(32, 8, 8))
+    chain._xsurgery_spec.update(mix_points="auto", version=1)
+    save(chain, str(tmp_path / "v1.xs"))
+    v1 = load(str(tmp_path / "v1.xs"), model=resnet_like())
+    assert all(torch.equal(a.index, b.index) for a, b in zip(_x_layers(chain).values(), _x_layers(v1).values()))
+    assert sum(not m._identity for m in _x_layers(v1).values()) == 10
+    for bad in (3, True, "2"):
+        with pytest.raises(UserError, match="version"):
+            SurgerySpec.from_dict({"mixing": 1, "version": bad})
     with pytest.raises(UserError, match="--mix-points"):
         SurgerySpec(mixing=1, mix_points="sometimes")
     spec = SurgerySpec(mix_points="chain")

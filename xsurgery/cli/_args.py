@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..graphs import list_graphs
-from ..layers import SparsityConfig
+from ..layers import MIX_POINTS, SparsityConfig
 
 __all__ = ["MAX_SEED", "MAX_THREADS", "add_model_args", "add_output_args", "add_quiet_arg", "add_surgery_args",
            "add_trust_args", "budget_kwargs", "example_arg", "load_options", "surgery_kwargs", "table_options"]
@@ -148,10 +148,11 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
     g.add_argument("--graph", default="auto",
                    help="auto (default: paired where a layer mixes 2, else random), "
                         + ", ".join(n for n in list_graphs() if n != "auto"))
-    g.add_argument("--mix-points", default="auto", choices=["auto", "chain", "every"],
-                   help="chain: the widest layer of each chain of converted layers (and a layer "
-                        "parallel to a chain, e.g. a downsample) is grouped, the others mix; every: "
-                        "the graph at every layer; auto (default): chain at mixing 1, else every")
+    g.add_argument("--mix-points", default="auto", choices=list(MIX_POINTS),
+                   help="chain: the widest layer of each chain of converted layers (and a layer parallel "
+                        "to a chain, e.g. a downsample) is grouped, the others mix; alternate: every other "
+                        "layer of a chain mixes, the widest grouped; every: the graph at every layer; "
+                        "auto (default): alternate at mixing 1, else every")
     g.add_argument("--seed", type=seed_arg, default=0)
     g.add_argument("--init", default="kaiming",
                    help="kaiming (default), keep (copy kept dense weights) or project (refit them to the dense "

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["MIX_POINTS", "SparsityConfig"]
 
-MIX_POINTS = ("auto", "chain", "every")
+MIX_POINTS = ("auto", "chain", "alternate", "every")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SparsityConfig:
         blocks: an explicit G for one layer (overrides ``mixing``).
         execution: ``auto`` or a registered execution (``gather``, ``masked``).
         mix_points: where a surgery keeps the graph in chains of converted layers: ``auto``,
-            ``chain`` or ``every`` (see ``xsurgery.convert``).
+            ``chain``, ``alternate`` or ``every`` (see ``xsurgery.convert``).
     """
 
     compress: float | None = None

@@ -79,7 +79,7 @@ def decide(model: nn.Module, spec: SurgerySpec, example: Any = None, *,
             d.reason = ctx.reason(name, m, d, spec, rule)
         if d.reason is None:
             _plan_layer(d, spec, rule)
-    place_mix_points(decisions, ctx.trace, spec.mix_points)
+    place_mix_points(decisions, ctx.trace, spec.mix_points, spec.version)
     check_degrees_fit(decisions, spec)
     return decisions, ctx.trace
 
@@ -206,8 +206,9 @@ def convert(
         config: a :class:`~xsurgery.layers.SparsityConfig`: compress (default 2) or degree,
             mixing (default 1), graph (default auto), seed, execution, mix points. ``mix_points="chain"``: the widest layer of
             each chain of converted layers (and a layer parallel to a chain) is grouped, the
-            chain's other layers mix; ``every``: the graph at every layer; ``auto`` (default):
-            ``chain`` for mixing-1 layers, ``every`` for the others.
+            chain's other layers mix; ``alternate``: every other layer of a chain mixes, the widest grouped;
+            ``every``: the graph at every layer; ``auto`` (default): ``alternate`` for mixing-1
+            layers, ``every`` for the others.
         **sparsity: any of the config's fields as keywords (``compress=4, mixing=1``), overriding
             ``config``; the config's ``blocks`` is per layer and not taken here.
         init: ``kaiming`` (fresh), ``keep`` (copy the kept dense weights, data-free) or ``project``

@@ -31,7 +31,8 @@ def match_pattern(name: str, pattern: str) -> bool:
 KINDS = ("pointwise", "conv", "linear")
 # a layer's own inits, and "project": the kept weights refitted on calibration data (surgery._project)
 SURGERY_INITS = (*INITS, "project")
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: mix_points "auto" is "alternate" at mixing 1 (1: "chain"; files saved then keep it)
+SPEC_VERSIONS = (1, 2)
 MAX_PLAN_BYTES = 1 << 20
 
 
@@ -210,8 +211,9 @@ class SurgerySpec:
     def from_dict(cls, d: dict[str, Any]) -> SurgerySpec:
         d = dict(d)
         version = d.pop("version", SPEC_VERSION)
-        if version != SPEC_VERSION:
-            raise UserError(f"surgery spec version {version} is not supported (this xsurgery reads {SPEC_VERSION})")
+        if type(version) is not int or version not in SPEC_VERSIONS:
+            raise UserError(f"surgery spec version {safe_repr(version)} is not supported (this xsurgery reads "
+                            f"{', '.join(map(str, SPEC_VERSIONS))})")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -221,7 +223,7 @@ class SurgerySpec:
                 d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
         if "plan" in d:
             d["plan"] = load_plan(d["plan"])
-        return cls(**d)
+        return cls(**d, version=version)
 
 
 def load_plan(plan: str | Sequence | dict | None) -> tuple[LayerRule, ...]:
