@@ -32,7 +32,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 VARIANTS = {"dense": None, "grouped": {"graph": "grouped", "mixing": 1}, "default": {}, "fast": {"mixing": 1},
-            "k2": {"mixing": 2},
+            "k2": {"mixing": 2}, "k1-chain": {"mixing": 1, "mix_points": "chain"},
             # the default graph forced to one execution (what execution="auto"'s rule chooses between)
             "x-gather": {"execution": "gather"}, "x-masked": {"execution": "masked"}}
 DEFAULT_VARIANTS = ["dense", "grouped", "default", "fast"]

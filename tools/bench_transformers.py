@@ -5,7 +5,8 @@ sequence length, batch and compression: ``convert(model, compress=C)`` with no o
 (the default) and ``export_onnx`` with its defaults (``layout="auto"``: per layer the fastest
 of XLinear's gather / matmul / dense forms, then the whole-model check that falls back to
 all-dense), against the dense model exported the same way. Optional rows: ``gather`` /
-``matmul`` (every X-layer in that form, no timing), ``fast`` (``mixing=1``, the default since the frontier), ``k2`` (``mixing=2``)
+``matmul`` (every X-layer in that form, no timing), ``fast`` (``mixing=1``, the default since the frontier), ``k2`` (``mixing=2``), ``grouped``
+(``graph="grouped"``: the same blocks with no permutation, the floor of the structure)
 and ``tp`` (Torch-Pruning at the X-model's MACs: one ratio for every layer, head dims
 pruned, attention sizes updated; where it fails the row says why).
 
@@ -33,7 +34,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-VARIANTS = ("dense", "default", "gather", "matmul", "fast", "k2", "tp")
+VARIANTS = ("dense", "default", "gather", "matmul", "fast", "k2", "grouped", "tp")
 BATCHES = {"bert": [1, 8], "gpt2": [1]}
 
 
@@ -164,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                                 extra = {"pruning_ratio": round(ratio, 4)}
                             elif v in ("default", "gather", "matmul"):
                                 model, extra = x_default, {}
-                            else:  # fast: mixing 1 (the default since the frontier), k2: mixing 2
-                                model, extra = convert(dense, compress=c, mixing=1 if v == "fast" else 2,
-                                                       example_inputs=ex, check=False)[0].eval(), {}
+                            else:  # fast: mixing 1 (the default since the frontier), k2: mixing 2, grouped
+                                opts = {"fast": {"mixing": 1}, "k2": {"mixing": 2}, "grouped": {"graph": "grouped"}}[v]
+                                model, extra = convert(dense, compress=c, example_inputs=ex, check=False,
+                                                       **opts)[0].eval(), {}
                         except Exception as exc:  # tp on a model Torch-Pruning cannot handle: say why
                             notes.append(f"{name} b{b} C={c:g} {v}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                             print("  skipped:", notes[-1], flush=True)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         meta[(v, c)] = {"macs_ratio": count_macs(model, ex) / dense_macs, **extra}
                         for backend in args.backends:
                             f = os.path.join(tmp, f"{name}-b{b}-{v}-{c:g}-{backend}.onnx")
-                            kw = {} if v in ("default", "fast", "k2", "tp") else {"layout": v}
+                            kw = {} if v in ("default", "fast", "k2", "grouped", "tp") else {"layout": v}
                             t0 = time.perf_counter()
                             res = export_onnx(model, f, example_inputs=ex, verify=v == "default", verbose=False,
                                               threads=args.threads, runtime=backend, force=True, **kw)

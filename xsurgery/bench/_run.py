@@ -22,8 +22,9 @@ VARIANTS = ("dense", "grouped", "x-k1", "x-k2", "x-k4", "x-exact", "masked", "de
 # x-paired: k = 2 as a natural + one permuted copy (graph="paired", exported as Conv + Conv(Gather));
 # the default (graph "auto") is paired wherever a layer's sizes allow it, random elsewhere
 # x-chain: k = 2 (random) with mix_points="chain" (the widest layer of each chain grouped);
-# x-k1-every: k = 1 permuting at every layer (the rule before mix points)
-ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain", "x-k1-every") + BASELINES
+# x-k1-every: k = 1 permuting at every layer (the rule before mix points); x-k1-chain: k = 1 with
+# mix_points="chain" (the default before "alternate": ResNet-50's bottleneck permuted twice)
+ALL_VARIANTS = VARIANTS + ("x-paired", "x-chain", "x-k1-every", "x-k1-chain") + BASELINES
 BACKENDS = ("torch", "torch-train", "ort")
 # opt-in: the other runtimes of xsurgery.export.runtimes (OpenVINO CPU, optional dependency),
 # each variant exported with runtime= that runtime, so auto tunes it there
@@ -41,6 +42,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "x-paired": {"graph": "paired"},
     "x-chain": {"mixing": 2, "graph": "random", "mix_points": "chain"},
     "x-k1-every": {"mixing": 1, "mix_points": "every"},
+    "x-k1-chain": {"mixing": 1, "mix_points": "chain"},
 }
 
 
