@@ -1,7 +1,8 @@
 """Layer-shape benchmark: X-layers against dense and grouped, one process, one run.
 
 Shapes: the ResNet-50 bottleneck convs (1x1 reduce, 3x3, 1x1 expand) at 56, 28, 14 and 7 px,
-MobileNet-V2's 1x1 expand/project convs, and a ViT-S MLP (384->1536->384 over 197 tokens).
+MobileNet-V2's 1x1 expand/project convs, a ViT-S MLP (384->1536->384 over 197 tokens), a
+512-wide MLP layer over 128 rows and BERT-base's linears over 128 and 1024 tokens.
 Variants: dense, grouped (graph="grouped"), X with mixing 1, 2, 4, X exact, masked-dense
 (X k=2 with execution="masked"); backends: torch eager inference, torch forward+backward,
 ONNX Runtime. Ratios are to the dense layer of the same shape; the MACs ratio is the limit.
@@ -67,6 +68,13 @@ SHAPES = [
     ("mobilenet_v2", "last 320->1280 @7", "conv", 320, 1280, 1, 7),
     ("vit_small", "fc1 384->1536 x197", "linear", 384, 1536, 0, 197),
     ("vit_small", "fc2 1536->384 x197", "linear", 1536, 384, 0, 197),
+    # issue 22's training steps: the MLP (batch 128) and BERT-base (batch 1 and 8 x seq 128)
+    ("mlp", "fc 512->512 x128", "linear", 512, 512, 0, 128),
+    *[
+        ("bert", f"{name} x{rows}", "linear", cin, cout, 0, rows)
+        for rows in (128, 1024)
+        for name, cin, cout in (("qkv 768->768", 768, 768), ("fc1 768->3072", 768, 3072), ("fc2 3072->768", 3072, 768))
+    ],
 ]
 
 TINY_SHAPES = [
@@ -186,7 +194,7 @@ def sweep_executions(shapes, args, threads: int, tmp: str, log) -> list[dict]:
         mods = {("dense", 0, 0): make_layer(kind, cin, cout, kernel, "dense", 1).eval()}
         for c in args.sweep_compress:
             seen = set()
-            for graph, mix in [("random", k) for k in (1, 2, 4, 8)] + [("exact", 1)]:
+            for graph, mix in [("exact", 1) if k == "exact" else ("random", int(k)) for k in args.sweep_mixing]:
                 probe = make_layer(kind, cin, cout, kernel, "x-k2", c, {"graph": graph, "mixing": mix})
                 if probe.blocks in seen or probe.blocks == 1:
                     continue
@@ -359,10 +367,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-sample-ms", type=float, default=10.0)
-    p.add_argument("--family", nargs="+", default=None, help="resnet50, mobilenet_v2, vit_small")
+    p.add_argument("--family", nargs="+", default=None, help="resnet50, mobilenet_v2, vit_small, mlp, bert")
     p.add_argument("--tiny", action="store_true", help="two tiny shapes (smoke test)")
     p.add_argument("--sweep", action="store_true", help="also time gather vs masked across block counts")
     p.add_argument("--sweep-compress", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    p.add_argument("--sweep-mixing", nargs="+", default=["1", "2", "4", "8", "exact"], choices=["1", "2", "4", "8", "exact"],
+                   help="the mixings (and exact) whose block counts the sweep times")
     p.add_argument("--sweep-backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")

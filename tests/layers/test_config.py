@@ -109,3 +109,20 @@ def test_graph_constructions_declare_their_constraints():
 
         del _core._GRAPHS[name]
     assert name not in list_graphs()
+
+
+def test_auto_execution_gathers_every_mixing_1_layer_and_keeps_the_thresholds_elsewhere():
+    from xsurgery.layers._functional import MIN_OUTPUTS_PER_BLOCK, auto_execution
+
+    assert MIN_OUTPUTS_PER_BLOCK["linear"] > 16
+    # mixing 1 (G * D = C_in: the gather is a permutation): gather at 16 outputs per block
+    assert auto_execution(32, 512, 16, 512, kind="linear") == "gather"
+    assert auto_execution(16, 32, 4, 64, kind="pointwise") == "gather"  # 2 outputs per block
+    # mixing 2 at the same outputs per block: below the linear threshold, masked
+    assert auto_execution(32, 512, 32, 512, kind="linear") == "masked"
+    assert auto_execution(4, 512, 256, 512, kind="linear") == "gather"  # 128 outputs per block
+    assert auto_execution(1, 512, 512, 512, kind="linear") == "masked"  # one block: the dense layer
+    assert auto_execution(32, 512, 16, 512, torch.device("meta"), kind="linear") == "masked"  # not a CPU
+    mlp = XLinear(512, 512, compress=32)  # the defaults: mixing 1
+    assert mlp.blocks == 32 and mlp.resolved_execution(torch.device("cpu")) == "gather"
+    assert XLinear(512, 512, compress=32, mixing=2).resolved_execution(torch.device("cpu")) == "masked"
