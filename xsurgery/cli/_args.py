@@ -144,7 +144,7 @@ def add_surgery_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
                               "name or import path, on the same --input / --input-size)")
     g.add_argument("--mixing", type=int, default=1, metavar="K",
                    help="blocks reading each input: 1 (default) = shuffle + grouped conv, mixing across layers "
-                        "(chain mix points); 2 = every layer an expander")
+                        "(alternate mix points); 2 = every layer an expander")
     g.add_argument("--graph", default="auto",
                    help="auto (default: paired where a layer mixes 2, else random), "
                         + ", ".join(n for n in list_graphs() if n != "auto"))
