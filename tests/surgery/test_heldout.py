@@ -264,9 +264,11 @@ def test_export_generative_model_left_with_its_cache_on(tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["xsurgery.cache"].startswith("off") and len(proto.graph.output) == 1  # the logits
     assert conv.config.use_cache  # the caller's model keeps its setting
-    # without an attention mask the torch exporter cannot export the dense model either: it says so
-    with pytest.raises(UserError, match="every layer dense too"):
+    # without an attention mask the torch exporter cannot export the dense model either: it says so,
+    # and names the input that fixes it
+    with pytest.raises(UserError, match="every layer dense too") as err:
         export_onnx(conv, str(tmp_path / "g2.onnx"), example_inputs={"input_ids": ex["input_ids"]}, verbose=False)
+    assert "add --input attention_mask=<input_ids' shape>:int64" in str(err.value) and "\n" not in str(err.value)
 
 
 def _tv(name):

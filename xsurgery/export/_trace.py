@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import os
 import re
@@ -184,7 +185,23 @@ def _export_error(exc: BaseException, opset: int, module: nn.Module, example: to
     layer = _scope_of(module, example, op)
     where = "an unknown layer" if layer is None else (f"layer {layer!r}" if layer else "the model's own forward")
     return UserError(f"cannot export to ONNX: operator {op} in {where} has no ONNX form at opset {opset} "
-                     f"(replace that layer or try another --opset)")
+                     f"(replace that layer or try another --opset){_mask_hint(module)}")
+
+
+def _mask_hint(module: nn.Module) -> str:
+    """A Hugging Face model given its token ids without an attention mask: GPT-2 and others then
+    build the mask in their forward from ops with no ONNX form; given a mask, they export."""
+    if not isinstance(module, _FlatInputs) or getattr(module.model, "config", None) is None:
+        return ""
+    try:
+        takes = "attention_mask" in inspect.signature(module.model.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    skel = module.skeleton
+    given = set(skel[1]) if isinstance(skel, tuple) and len(skel) == 2 and isinstance(skel[1], dict) else set()
+    if not takes or "attention_mask" in given or "input_ids" not in given:
+        return ""
+    return "; a Hugging Face model exports with its attention mask: add --input attention_mask=<input_ids' shape>:int64"
 
 
 @contextlib.contextmanager
