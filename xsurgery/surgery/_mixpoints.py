@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from ..graphs import build_graph, graph_construction
 from ._fx import Trace
 
-__all__ = ["auto_mode", "place_mix_points"]
+__all__ = ["place_mix_points"]
 
 
 
@@ -48,16 +48,17 @@ def _alternate(chain: list[str], by: dict) -> list[str]:
 _DROPS: dict[str, Callable[[list[str], dict], list[str]]] = {"chain": _widest, "alternate": _alternate}
 
 
-def auto_mode(version: int) -> str:
+def _auto_mode(version: int) -> str:
     """What ``mix_points="auto"`` is for mixing-1 layers under a spec ``version``."""
     return "chain" if version < 2 else "alternate"
 
 
-def place_mix_points(decisions: Sequence, trace: Trace, mode: str, version: int = 2) -> None:
-    """Make the layers whose path mixes elsewhere grouped (decisions changed in place, with a note)."""
+def place_mix_points(decisions: Sequence, trace: Trace, mode: str, version: int) -> None:
+    """Make the layers whose path mixes elsewhere grouped (decisions changed in place, with a note);
+    ``version``: the surgery spec's, which decides what ``auto`` is."""
     if mode == "every" or not trace.ok:
         return
-    rule = auto_mode(version) if mode == "auto" else mode
+    rule = _auto_mode(version) if mode == "auto" else mode
     by = {d.name: d for d in decisions if d.converted and graph_construction(d.graph).expander and d.in_channels % d.degree == 0
           and d.out_channels % (d.in_channels // d.degree) == 0 and (mode != "auto" or d.mixing == 1)}
     nxt = {a: b for a, b in trace.links.items() if a in by and b in by}
